@@ -1,0 +1,48 @@
+"""Group-normalised advantages: the rewards -> advantages stage of the data flow.
+
+Samples are ordered group by group: sample index = prompt_index * group_size + member_index.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ddrl_scale.algo.registry import register
+
+
+@register("advantage", "group_norm")
+def group_advantages(
+    rewards: dict[str, torch.Tensor],
+    weights: dict[str, float],
+    group_size: int,
+    exp_transform: bool = False,
+    clamp: float = 5.0,
+    eps: float = 1e-4,
+) -> torch.Tensor:
+    """Advantages (N,) from several rewards {name: (N,)} with weights {name: w}.
+
+    Each reward is normalised within its group, A_k = (r - mean_group) / (std_group + eps) with the
+    population std, then A = sum_k w_k A_k / sum_k |w_k|; optionally A <- -exp(-A); clamped to
+    [-clamp, clamp] (clamp 0 turns clamping off).
+    """
+    if not rewards:
+        raise ValueError("group_advantages needs at least one reward")
+    total_weight = sum(abs(weights[name]) for name in rewards)
+    if total_weight == 0:
+        raise ValueError("group_advantages: all reward weights are zero")
+    advantage = None
+    for name, values in rewards.items():
+        if values.dim() != 1 or values.numel() % group_size:
+            raise ValueError(f"reward '{name}': expected (N,) with N a multiple of group size "
+                             f"{group_size}, got shape {tuple(values.shape)}")
+        grouped = values.float().reshape(-1, group_size)
+        normalised = (grouped - grouped.mean(dim=1, keepdim=True)) / (
+            grouped.std(dim=1, unbiased=False, keepdim=True) + eps)
+        term = weights[name] * normalised.reshape(-1)
+        advantage = term if advantage is None else advantage + term
+    advantage = advantage / total_weight
+    if exp_transform:
+        advantage = -torch.exp(-advantage)
+    if clamp > 0:
+        advantage = advantage.clamp(-clamp, clamp)
+    return advantage

@@ -1,0 +1,81 @@
+"""`ddrl` command line: the only module that reads argv; everything else takes a RunConfig."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from ddrl_scale.config import ConfigError, RunConfig, load_config
+from ddrl_scale.runtime import setup
+
+
+def _config(args: argparse.Namespace) -> RunConfig:
+    return load_config(getattr(args, "config", None), args.overrides)
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from ddrl_scale.train.run import describe, run_training
+
+    config = _config(args)
+    setup(config.run.num_threads)
+    print(describe(run_training(config), config.run.output_dir))
+
+
+def cmd_pretrain(args: argparse.Namespace) -> None:
+    from ddrl_scale.train.pretrain import pretrain
+
+    config = _config(args)
+    setup(config.run.num_threads)
+    print(f"base checkpoint: {pretrain(config)}")
+
+
+def cmd_data_demo(args: argparse.Namespace) -> None:
+    from ddrl_scale.train.anchor_data import demo_shards
+
+    config = _config(args)
+    setup(config.run.num_threads)
+    shards = demo_shards(config)
+    print(f"{config.data.num_generated} samples in {len(shards)} shards under "
+          f"{config.data.generated_dir}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ddrl", description="DDRL post-training of video DiTs")
+    commands = parser.add_subparsers(dest="command", required=True)
+    overrides_help = "config overrides, key=value (for example optim.lr=1e-5)"
+
+    train = commands.add_parser("train", help="post-train with DDRL from a YAML config")
+    train.add_argument("config", help="YAML config file, for example configs/demo_cpu.yaml")
+    train.add_argument("overrides", nargs="*", help=overrides_help)
+    train.set_defaults(handler=cmd_train)
+
+    demo = commands.add_parser("demo", help="the CPU demo: DDRL on the embedded defaults")
+    demo.add_argument("overrides", nargs="*", help=overrides_help)
+    demo.set_defaults(handler=cmd_train, config=None)
+
+    pretrain = commands.add_parser("pretrain", help="flow-matching pretraining of the base model")
+    pretrain.add_argument("overrides", nargs="*", help=overrides_help)
+    pretrain.add_argument("--config", default=None, help="optional YAML config file")
+    pretrain.set_defaults(handler=cmd_pretrain)
+
+    data = commands.add_parser("data", help="anchor data tools")
+    data_commands = data.add_subparsers(dest="data_command", required=True)
+    demo_data = data_commands.add_parser("demo", help="write the procedural demo shards")
+    demo_data.add_argument("overrides", nargs="*", help=overrides_help)
+    demo_data.add_argument("--config", default=None, help="optional YAML config file")
+    demo_data.set_defaults(handler=cmd_data_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.handler(args)
+    except ConfigError as error:
+        print(f"ddrl: error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

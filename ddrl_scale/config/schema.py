@@ -1,0 +1,230 @@
+"""Typed run configuration: one dataclass per component, the defaults are the CPU demo.
+
+Every stage of the data flow in docs/architecture.md reads its own section: `data` the anchor
+loader, `model` the DiT, `sampler` the rollouts, `rewards` the scoring, `algo` the DDRL loss,
+`optim` the optimizer step, `train` the loop. Loading and validation live in `config.loader`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+
+class ConfigError(ValueError):
+    """A config value is missing, unknown or of the wrong type; the message names the key."""
+
+
+def _check(condition: bool, key: str, expected: str, value: object) -> None:
+    if not condition:
+        raise ConfigError(f"config key '{key}': expected {expected}, got {value!r}")
+
+
+@dataclass
+class RunSection:
+    name: str = "demo"
+    output_dir: str = "outputs/demo"
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda
+    dtype: str = "fp32"  # fp32 | bf16 (autocast on CUDA and CPU)
+    num_threads: int = 0  # torch intra-op threads; 0 keeps torch's default
+
+    def __post_init__(self) -> None:
+        _check(self.device in ("auto", "cpu", "cuda"), "run.device", "auto|cpu|cuda", self.device)
+        _check(self.dtype in ("fp32", "bf16"), "run.dtype", "fp32|bf16", self.dtype)
+        _check(self.num_threads >= 0, "run.num_threads", ">= 0", self.num_threads)
+
+
+@dataclass
+class VideoSection:
+    """Shape of one video in latent space: (channels, frames, height, width)."""
+
+    channels: int = 3
+    num_frames: int = 8
+    height: int = 16
+    width: int = 16
+
+    def __post_init__(self) -> None:
+        for key in ("channels", "num_frames", "height", "width"):
+            _check(getattr(self, key) > 0, f"video.{key}", "> 0", getattr(self, key))
+
+
+@dataclass
+class ModelSection:
+    hidden_size: int = 96
+    depth: int = 4
+    num_heads: int = 4
+    mlp_ratio: float = 4.0
+    patch_size: list[int] = field(default_factory=lambda: [2, 2, 2])  # (frames, height, width)
+    text_dim: int = 32
+    max_text_tokens: int = 12
+    attention_backend: str = "auto"  # auto | sdpa | flash
+    qk_norm: bool = True
+    init_checkpoint: str = "builtin:base"  # builtin:base | path to .safetensors | none (random init)
+
+    def __post_init__(self) -> None:
+        _check(self.hidden_size % self.num_heads == 0, "model.hidden_size",
+               f"a multiple of model.num_heads={self.num_heads}", self.hidden_size)
+        head_dim = self.hidden_size // self.num_heads
+        _check(head_dim % 2 == 0 and head_dim >= 6, "model.hidden_size",
+               "hidden_size / num_heads even and >= 6 (3D rotary embeddings)", self.hidden_size)
+        _check(len(self.patch_size) == 3 and all(p > 0 for p in self.patch_size),
+               "model.patch_size", "three positive ints [frames, height, width]", self.patch_size)
+        _check(self.attention_backend in ("auto", "sdpa", "flash"), "model.attention_backend",
+               "auto|sdpa|flash", self.attention_backend)
+
+
+@dataclass
+class DataSection:
+    shards: str = ""  # brace/glob pattern or folder of .tar; "" = generate the demo shards
+    generated_dir: str = "outputs/data/demo_shards"
+    num_generated: int = 2048
+    samples_per_shard: int = 256
+    shuffle_buffer: int = 256
+    num_workers: int = 0
+
+    def __post_init__(self) -> None:
+        _check(self.num_generated > 0, "data.num_generated", "> 0", self.num_generated)
+        _check(self.samples_per_shard > 0, "data.samples_per_shard", "> 0", self.samples_per_shard)
+        _check(self.num_workers >= 0, "data.num_workers", ">= 0", self.num_workers)
+
+
+@dataclass
+class SamplerSection:
+    num_steps: int = 10
+    shift: float = 1.0  # timestep shift s: t' = s t / (1 + (s - 1) t)
+    noise_level: float = 0.7  # Flow-GRPO SDE noise level a
+    kind: str = "sde"  # sde | ode (rollouts need sde: the policy gradient needs log-probs)
+
+    def __post_init__(self) -> None:
+        _check(self.num_steps >= 1, "sampler.num_steps", ">= 1", self.num_steps)
+        _check(self.shift > 0, "sampler.shift", "> 0", self.shift)
+        _check(self.noise_level > 0, "sampler.noise_level", "> 0", self.noise_level)
+        _check(self.kind in ("sde", "ode"), "sampler.kind", "sde|ode", self.kind)
+
+
+@dataclass
+class RewardSpec:
+    name: str = "caption_alignment"
+    weight: float = 1.0
+    args: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class AlgoSection:
+    """DDRL loss; Flow-GRPO is data_beta=0, kl_beta>0; SFT is policy_weight=0."""
+
+    name: str = "ddrl"  # registered loss function
+    group_size: int = 4  # G samples per prompt
+    prompts_per_step: int = 4
+    train_timestep_stride: int = 2  # train on every k-th sampling step (release: 2)
+    train_timestep_offset: int = 0  # first trained step index (release: even indices)
+    clip_eps: float = 1e-4
+    policy_weight: float = 1.0
+    data_beta: float = 0.01
+    kl_beta: float = 0.0
+    loss_scale: float = 10.0
+    advantage_clamp: float = 5.0
+    exp_reward: bool = False  # A <- -exp(-A)
+    same_noise_per_group: bool = False
+    data_reuse_rollout_noise: bool = False  # data term at the rollout's sigma_i and initial noise
+    data_on_first_only: bool = False  # data term once per iteration, on the first trained step
+
+    def __post_init__(self) -> None:
+        _check(self.group_size >= 2, "algo.group_size", ">= 2 (advantages are group-normalised)",
+               self.group_size)
+        _check(self.prompts_per_step >= 1, "algo.prompts_per_step", ">= 1", self.prompts_per_step)
+        _check(self.train_timestep_stride >= 1, "algo.train_timestep_stride", ">= 1",
+               self.train_timestep_stride)
+        _check(self.train_timestep_offset >= 0, "algo.train_timestep_offset", ">= 0",
+               self.train_timestep_offset)
+        _check(self.clip_eps > 0, "algo.clip_eps", "> 0", self.clip_eps)
+        for key in ("policy_weight", "data_beta", "kl_beta", "loss_scale", "advantage_clamp"):
+            value = getattr(self, key)
+            _check(math.isfinite(value) and value >= 0, f"algo.{key}", "a finite value >= 0", value)
+        _check(self.policy_weight + self.data_beta + self.kl_beta > 0, "algo.policy_weight",
+               "some loss term on (policy_weight, data_beta or kl_beta > 0)", self.policy_weight)
+
+
+@dataclass
+class OptimSection:
+    lr: float = 3e-4
+    weight_decay: float = 1e-4
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.99])
+    eps: float = 1e-8
+    warmup_steps: int = 0
+    grad_clip: float = 1.0
+    ema_decay: float = 0.95  # 0 turns EMA off
+
+    def __post_init__(self) -> None:
+        _check(math.isfinite(self.lr) and self.lr > 0, "optim.lr", "a float > 0", self.lr)
+        _check(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "optim.betas",
+               "two floats in [0, 1)", self.betas)
+        _check(self.warmup_steps >= 0, "optim.warmup_steps", ">= 0", self.warmup_steps)
+        _check(self.grad_clip >= 0, "optim.grad_clip", ">= 0 (0 = off)", self.grad_clip)
+        _check(0 <= self.ema_decay < 1, "optim.ema_decay", "in [0, 1)", self.ema_decay)
+
+
+@dataclass
+class TrainSection:
+    steps: int = 40  # optimizer steps (one per DDRL iteration)
+    log_every: int = 1
+    save_every: int = 0  # 0 = only at the end
+    eval_prompts: int = 16  # held-out prompts for the before/after evaluation; 0 = no evaluation
+    eval_prompts_file: str = ""  # one prompt per line; "" = draw them from the demo generator
+    eval_samples_per_prompt: int = 2
+    eval_seed: int = 1234  # fixes the eval prompts and the initial noise, the same before and after
+    resume: str = "auto"  # auto (latest checkpoint of run.output_dir, if any) | none | a checkpoint dir
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        _check(self.steps >= 0, "train.steps", ">= 0", self.steps)
+        _check(self.log_every >= 1, "train.log_every", ">= 1", self.log_every)
+        _check(self.save_every >= 0, "train.save_every", ">= 0", self.save_every)
+        _check(self.eval_prompts >= 0, "train.eval_prompts", ">= 0", self.eval_prompts)
+        _check(self.eval_samples_per_prompt >= 1, "train.eval_samples_per_prompt", ">= 1",
+               self.eval_samples_per_prompt)
+
+
+@dataclass
+class PretrainSection:
+    """`ddrl pretrain`: the flow-matching run that makes the shipped base checkpoint."""
+
+    steps: int = 3000
+    batch_size: int = 32
+    lr: float = 1e-3
+    output: str = "outputs/pretrain/base.safetensors"
+
+
+@dataclass
+class ParallelSection:
+    engine: str = "none"  # none (single process); sharded engines are registered in parallel/
+
+    def __post_init__(self) -> None:
+        _check(self.engine in ("none",), "parallel.engine", "none", self.engine)
+
+
+@dataclass
+class RunConfig:
+    run: RunSection = field(default_factory=RunSection)
+    video: VideoSection = field(default_factory=VideoSection)
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataSection = field(default_factory=DataSection)
+    sampler: SamplerSection = field(default_factory=SamplerSection)
+    rewards: list[RewardSpec] = field(
+        default_factory=lambda: [RewardSpec("caption_alignment", 1.0), RewardSpec("saturation", 1.0)]
+    )
+    algo: AlgoSection = field(default_factory=AlgoSection)
+    optim: OptimSection = field(default_factory=OptimSection)
+    train: TrainSection = field(default_factory=TrainSection)
+    pretrain: PretrainSection = field(default_factory=PretrainSection)
+    parallel: ParallelSection = field(default_factory=ParallelSection)
+
+    def __post_init__(self) -> None:
+        _check(len(self.rewards) > 0, "rewards", "at least one reward", self.rewards)
+        for dim, patch, key in zip(
+            (self.video.num_frames, self.video.height, self.video.width),
+            self.model.patch_size, ("num_frames", "height", "width"),
+        ):
+            _check(dim % patch == 0, f"video.{key}",
+                   f"a multiple of the model patch size {patch}", dim)

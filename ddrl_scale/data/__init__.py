@@ -1,0 +1,1 @@
+"""Anchor data: procedural demo videos (`synthetic`), shard format (`shards`), loader (`anchor`)."""

@@ -1,0 +1,41 @@
+"""3D rotary position embedding over (frames, height, width) video tokens, for the DiT's self-attention.
+
+The head dimension is split into three even parts, one per axis; each part rotates by its axis index.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def axis_dims(head_dim: int) -> tuple[int, int, int]:
+    """Rotary dims per axis (frames, height, width): even numbers summing to head_dim."""
+    spatial = 2 * (head_dim // 6)
+    return head_dim - 2 * spatial, spatial, spatial
+
+
+def _axis_angles(positions: torch.Tensor, dim: int, theta: float) -> torch.Tensor:
+    frequencies = 1.0 / theta ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim)
+    return positions.to(torch.float64)[:, None] * frequencies[None, :]  # (N, dim / 2)
+
+
+def rope_angles(grid: tuple[int, int, int], head_dim: int, theta: float = 10000.0) -> torch.Tensor:
+    """Rotation angles (N, head_dim / 2) for the N = T*H*W tokens of a (T, H, W) grid, row-major."""
+    frames, height, width = grid
+    t_index, h_index, w_index = torch.meshgrid(
+        torch.arange(frames), torch.arange(height), torch.arange(width), indexing="ij"
+    )
+    parts = [
+        _axis_angles(index.reshape(-1), dim, theta)
+        for index, dim in zip((t_index, h_index, w_index), axis_dims(head_dim))
+    ]
+    return torch.cat(parts, dim=-1).float()
+
+
+def apply_rope(x: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
+    """Rotate consecutive pairs of x (B, heads, N, head_dim) by angles (N, head_dim / 2)."""
+    pairs = x.float().reshape(*x.shape[:-1], -1, 2)
+    cos, sin = angles.cos().to(x.device), angles.sin().to(x.device)
+    first, second = pairs[..., 0], pairs[..., 1]
+    rotated = torch.stack((first * cos - second * sin, first * sin + second * cos), dim=-1)
+    return rotated.flatten(-2).type_as(x)

@@ -1,0 +1,72 @@
+"""Colocated rollouts: the trainer's own process samples its prompt groups, then scores them.
+
+The prompts -> SDE rollouts -> rewards -> advantages stage of docs/architecture.md, run in the
+trainer's process (the mode Flow-GRPO and DanceGRPO use).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from ddrl_scale.algo.advantages import group_advantages
+from ddrl_scale.algo.samplers import Trajectory, sample
+from ddrl_scale.config.schema import AlgoSection, SamplerSection
+from ddrl_scale.rewards import WeightedRewards
+
+
+@dataclass
+class RolloutBatch:
+    """N = prompts x group_size samples, group by group (index = prompt * G + member)."""
+
+    prompts: list[str]  # (N,)
+    text: torch.Tensor  # (N, L, text_dim)
+    trajectory: Trajectory
+    videos: torch.Tensor  # (N, 3, T, H, W) decoded, in [0, 1]
+    rewards: dict[str, torch.Tensor]  # name -> (N,)
+    total_reward: torch.Tensor  # (N,) weighted sum
+    advantages: torch.Tensor  # (N,)
+    policy_version: int
+
+
+def initial_noise(num_groups: int, group_size: int, shape: tuple[int, ...], same_per_group: bool,
+                  generator: torch.Generator, device: torch.device) -> torch.Tensor:
+    """Starting noise (N, *shape); with same_per_group every member of a group starts alike."""
+    draws = num_groups if same_per_group else num_groups * group_size
+    noise = torch.randn((draws, *shape), generator=generator, device=device)
+    return noise.repeat_interleave(group_size, dim=0) if same_per_group else noise
+
+
+def generate_rollouts(
+    velocity: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
+    encode_text: Callable[[list[str]], torch.Tensor],
+    decode: Callable[[torch.Tensor], torch.Tensor],
+    rewards: WeightedRewards,
+    prompts: list[str],
+    latent_shape: tuple[int, ...],
+    sigmas: torch.Tensor,
+    sampler: SamplerSection,
+    algo: AlgoSection,
+    generator: torch.Generator,
+    device: torch.device,
+    policy_version: int = 0,
+) -> RolloutBatch:
+    """Sample G = algo.group_size videos for each prompt with the SDE sampler, score, normalise.
+
+    velocity(latents, sigma, text) is the policy; encode_text / decode are the text encoder and VAE.
+    """
+    group_size = algo.group_size
+    expanded = [prompt for prompt in prompts for _ in range(group_size)]
+    text = encode_text(expanded)
+    noise = initial_noise(len(prompts), group_size, latent_shape, algo.same_noise_per_group,
+                          generator, device)
+    trajectory = sample(lambda x, sigma: velocity(x, sigma, text), noise, sigmas, kind="sde",
+                        noise_level=sampler.noise_level, generator=generator)
+    videos = decode(trajectory.final)
+    scores = rewards(videos, expanded)
+    advantages = group_advantages(scores, rewards.weights, group_size, algo.exp_reward,
+                                  algo.advantage_clamp)
+    return RolloutBatch(expanded, text, trajectory, videos, scores, rewards.total(scores),
+                        advantages, policy_version)

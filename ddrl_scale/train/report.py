@@ -1,0 +1,70 @@
+"""Run artifacts a person looks at: reward / data-loss curves (PNG) and sample grids (GIF)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ddrl_scale.train.metrics import read_metrics
+
+
+def plot_curves(metrics_path: str | Path, out_path: str | Path) -> Path:
+    """Reward and data loss against step, from metrics.jsonl."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = read_metrics(metrics_path)
+    steps = [r["step"] for r in records]
+    figure, (reward_axis, data_axis) = plt.subplots(1, 2, figsize=(10, 3.5))
+    reward_axis.plot(steps, [r["reward_mean"] for r in records], label="total (weighted)")
+    for key in sorted(k for k in records[0] if k.startswith("reward_") and k.endswith("_mean")
+                      and k != "reward_mean") if records else []:
+        reward_axis.plot(steps, [r[key] for r in records], label=key[7:-5], alpha=0.7)
+    reward_axis.set(xlabel="step", ylabel="rollout reward (mean)", title="reward")
+    reward_axis.legend(fontsize=8)
+    if records and "data_loss" in records[0]:
+        data_axis.plot(steps, [r["data_loss"] for r in records], color="tab:red")
+    data_axis.set(xlabel="step", ylabel="flow-matching loss on anchor data", title="data loss")
+    figure.tight_layout()
+    figure.savefig(out_path, dpi=100)
+    plt.close(figure)
+    return Path(out_path)
+
+
+def video_grid(videos: torch.Tensor, columns: int, scale: int = 4, gap: int = 1) -> np.ndarray:
+    """(N, 3, T, H, W) in [0, 1] -> uint8 frames (T, rows * H', columns * W', 3), upscaled."""
+    count, _, frames, height, width = videos.shape
+    rows = -(-count // columns)
+    cell_h, cell_w = height * scale + gap, width * scale + gap
+    grid = np.full((frames, rows * cell_h + gap, columns * cell_w + gap, 3), 255, dtype=np.uint8)
+    pixels = (videos.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 4, 1).cpu().numpy()
+    pixels = pixels.repeat(scale, axis=2).repeat(scale, axis=3)
+    for index in range(count):
+        top, left = gap + (index // columns) * cell_h, gap + (index % columns) * cell_w
+        grid[:, top:top + height * scale, left:left + width * scale] = pixels[index]
+    return grid
+
+
+def save_gif(frames: np.ndarray, path: str | Path, frame_ms: int = 150) -> Path:
+    images = [Image.fromarray(frame) for frame in frames]
+    images[0].save(path, save_all=True, append_images=images[1:], duration=frame_ms, loop=0)
+    return Path(path)
+
+
+def before_after_gif(before: torch.Tensor, after: torch.Tensor, path: str | Path,
+                     columns: int = 8) -> Path:
+    """Two grids side by side, before on the left, after on the right, same prompts and noise."""
+    left, right = video_grid(before, columns), video_grid(after, columns)
+    spacer = np.full((left.shape[0], left.shape[1], 8, 3), 255, dtype=np.uint8)
+    return save_gif(np.concatenate([left, spacer, right], axis=2), path)
+
+
+def write_json(data: dict, path: str | Path) -> Path:
+    Path(path).write_text(json.dumps(data, indent=2) + "\n")
+    return Path(path)

@@ -1,0 +1,199 @@
+"""The DDRL trainer loop: anchor batch -> rollouts -> rewards -> advantages -> loss -> step -> save.
+
+Colocated, single process: every stage of docs/architecture.md's data flow runs here in turn. The
+loop (`train`) is short; each stage is a method or a pure function of algo/, rollout/, rewards/.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from ddrl_scale import algo
+from ddrl_scale.algo.losses import flow_matching_loss, reverse_kl
+from ddrl_scale.algo.samplers import sde_step
+from ddrl_scale.algo.schedules import add_noise, sample_training_sigma, sigma_schedule
+from ddrl_scale.config import RunConfig, save_config
+from ddrl_scale.data.anchor import AnchorBatch, AnchorLoader
+from ddrl_scale.models import PixelVAE, build_model, build_text_encoder
+from ddrl_scale.parallel import build_engine
+from ddrl_scale.rewards import WeightedRewards
+from ddrl_scale.rollout import RolloutBatch, generate_rollouts
+from ddrl_scale.runtime import resolve_device, seed_everything
+from ddrl_scale.train.anchor_data import demo_shards
+from ddrl_scale.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from ddrl_scale.train.evaluate import EvalResult, eval_prompts, evaluate
+from ddrl_scale.train.metrics import MetricsWriter
+
+logger = logging.getLogger(__name__)
+
+
+class Trainer:
+    def __init__(self, config: RunConfig):
+        self.config = config
+        self.run_dir = Path(config.run.output_dir)
+        seed_everything(config.run.seed)
+        self.device = resolve_device(config.run.device)
+        self.text_encoder, self.vae = build_text_encoder(config), PixelVAE()
+        self.rewards = WeightedRewards([(r.name, r.weight, dict(r.args)) for r in config.rewards])
+        self.loss_fn = algo.get("loss", config.algo.name)
+        model = build_model(config)
+        # Flow-GRPO's reverse KL needs the frozen starting policy; DDRL (kl_beta = 0) does not
+        self.reference = copy.deepcopy(model).requires_grad_(False).to(self.device) \
+            if config.algo.kl_beta > 0 else None
+        self.engine = build_engine(config.parallel.engine, model, config.optim, self.device,
+                                   config.run.dtype)
+        self.loader = AnchorLoader(demo_shards(config), config.algo.prompts_per_step,
+                                   config.run.seed, config.data.shuffle_buffer, self.vae.encode)
+        self.generator = torch.Generator(device=self.device).manual_seed(config.run.seed + 1)
+        self.sigmas = sigma_schedule(config.sampler.num_steps, config.sampler.shift)
+        video = config.video
+        self.latent_shape = (video.channels, video.num_frames, video.height, video.width)
+        self.step = 0
+
+    # -- stages -------------------------------------------------------------------------------
+    def encode_text(self, prompts: list[str]) -> torch.Tensor:
+        return self.text_encoder.encode(prompts, self.device)
+
+    @torch.no_grad()
+    def velocity(self, latents: torch.Tensor, sigma: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        return self.engine.forward(latents, sigma, text)
+
+    def rollout(self, batch: AnchorBatch) -> RolloutBatch:
+        # each group's prompt is its paired data item's caption (the released recipe)
+        return generate_rollouts(self.velocity, self.encode_text, self.vae.decode, self.rewards,
+                                 batch.captions, self.latent_shape, self.sigmas, self.config.sampler,
+                                 self.config.algo, self.generator, self.device, self.step)
+
+    def trained_steps(self) -> list[int]:
+        settings = self.config.algo
+        steps = list(range(settings.train_timestep_offset, self.config.sampler.num_steps,
+                           settings.train_timestep_stride))
+        if not steps:
+            raise ValueError("algo.train_timestep_offset leaves no sampling step to train on")
+        return steps
+
+    def data_loss(self, batch: AnchorBatch, rollouts: RolloutBatch, index: int) -> torch.Tensor:
+        """Flow-matching loss (B_data,) of the policy on the anchor batch."""
+        settings, x0 = self.config.algo, batch.latents.to(self.device)
+        if settings.data_reuse_rollout_noise:
+            noise = rollouts.trajectory.initial_noise[:: settings.group_size]
+            sigma = torch.full((x0.shape[0],), float(self.sigmas[index]), device=self.device)
+        else:
+            noise = torch.randn(x0.shape, generator=self.generator, device=self.device)
+            sigma = sample_training_sigma(x0.shape[0], self.generator, self.device)
+        v_pred = self.engine.forward(add_noise(x0, noise, sigma), sigma,
+                                     self.encode_text(batch.captions))
+        return flow_matching_loss(v_pred, x0, noise)
+
+    def optimize(self, batch: AnchorBatch, rollouts: RolloutBatch) -> dict[str, float]:
+        """Accumulate the DDRL loss over the trained denoising steps, then one optimizer step."""
+        settings, trajectory = self.config.algo, rollouts.trajectory
+        steps, totals = self.trained_steps(), {}
+        for position, index in enumerate(steps):
+            x, sigma = trajectory.states[index], float(self.sigmas[index])
+            sigma_next = float(self.sigmas[index + 1])
+            v = self.engine.forward(x, torch.full((x.shape[0],), sigma, device=self.device),
+                                    rollouts.text)
+            _, log_prob, mean, std = sde_step(v, x, sigma, sigma_next, self.config.sampler.noise_level,
+                                              prev_sample=trajectory.states[index + 1])
+            kl = None
+            if self.reference is not None:
+                with torch.no_grad():
+                    ref_v = self.reference(x, torch.full_like(log_prob, sigma), rollouts.text)
+                _, _, ref_mean, _ = sde_step(ref_v, x, sigma, sigma_next,
+                                             self.config.sampler.noise_level, prev_sample=x)
+                kl = reverse_kl(mean, ref_mean, std)
+            wants_data = settings.data_beta > 0 and not (settings.data_on_first_only and position)
+            loss, stats = self.loss_fn(
+                log_prob=log_prob, old_log_prob=trajectory.log_probs[index],
+                advantages=rollouts.advantages, clip_eps=settings.clip_eps,
+                policy_weight=settings.policy_weight, data_beta=settings.data_beta if wants_data else 0.0,
+                kl_beta=settings.kl_beta, loss_scale=settings.loss_scale,
+                data_loss=self.data_loss(batch, rollouts, index) if wants_data else None, kl=kl)
+            self.engine.backward(loss / len(steps))
+            for key, value in stats.items():
+                totals.setdefault(key, []).append(float(value))
+        metrics = {key: sum(values) / len(values) for key, values in totals.items()}
+        metrics["ratio_max_dev"] = max(totals["ratio_max_dev"])
+        metrics["grad_norm"] = self.engine.step()
+        return metrics
+
+    def run_evaluation(self) -> EvalResult:
+        train = self.config.train
+        return evaluate(self.velocity, self.encode_text, self.vae.decode, self.rewards,
+                        eval_prompts(self.config), train.eval_samples_per_prompt, self.latent_shape,
+                        self.sigmas, train.eval_seed, self.device)
+
+    # -- checkpoints ----------------------------------------------------------------------------
+    def save(self) -> Path:
+        _, keys, position, has_gauss, cached = np.random.get_state()
+        extra = {"loader": self.loader.state_dict(), "generator": self.generator.get_state(),
+                 "torch_rng": torch.get_rng_state(), "python_rng": random.getstate(),
+                 "numpy_rng": [torch.from_numpy(keys.astype(np.int64)), position, has_gauss, cached]}
+        return save_checkpoint(self.run_dir, self.step, self.engine.state_dict(), extra)
+
+    def maybe_resume(self) -> None:
+        setting = self.config.train.resume
+        path = latest_checkpoint(self.run_dir) if setting == "auto" else (
+            None if setting == "none" else Path(setting))
+        if path is None:
+            return
+        engine_state, extra = load_checkpoint(path)
+        self.engine.load_state_dict(engine_state)
+        self.loader.load_state_dict(extra["loader"])
+        self.generator.set_state(extra["generator"])
+        torch.set_rng_state(extra["torch_rng"])
+        keys, position, has_gauss, cached = extra["numpy_rng"]
+        np.random.set_state(("MT19937", keys.numpy().astype(np.uint32), position, has_gauss, cached))
+        random.setstate(extra["python_rng"])
+        self.step = int(extra["step"])
+        logger.info("resumed from %s at step %d", path, self.step)
+
+    # -- the loop -------------------------------------------------------------------------------
+    def iteration(self) -> dict[str, float]:
+        start = time.perf_counter()
+        batch = self.loader.next_batch()
+        data_time = time.perf_counter()
+        rollouts = self.rollout(batch)
+        rollout_time = time.perf_counter()
+        metrics = self.optimize(batch, rollouts)
+        end = time.perf_counter()
+        self.step += 1
+        num_samples = len(rollouts.prompts)
+        metrics.update(
+            step=self.step, policy_version=self.step, reward_mean=rollouts.total_reward.mean().item(),
+            reward_std=rollouts.total_reward.std().item(),
+            advantage_abs_mean=rollouts.advantages.abs().mean().item(), lr=self.engine.lr,
+            time_data=data_time - start, time_rollout=rollout_time - data_time,
+            time_train=end - rollout_time, time_step=end - start,
+            samples_per_s=num_samples / (end - start), anchor_samples_skipped=self.loader.skipped,
+            **{f"reward_{name}_mean": value.mean().item() for name, value in rollouts.rewards.items()})
+        return metrics
+
+    def train(self) -> None:
+        """Run optimizer steps until train.steps (resuming first if a checkpoint exists), then save."""
+        config = self.config
+        save_config(config, self.run_dir)
+        writer = MetricsWriter(self.run_dir / "metrics.jsonl", resume_step=self.step)
+        progress = tqdm(total=config.train.steps, initial=self.step, desc="ddrl",
+                        disable=not config.train.progress)
+        while self.step < config.train.steps:
+            metrics = self.iteration()
+            if self.step % config.train.log_every == 0 or self.step == config.train.steps:
+                writer.write(metrics)
+            progress.update(1)
+            progress.set_postfix(reward=f"{metrics['reward_mean']:.3f}",
+                                 data=f"{metrics.get('data_loss', float('nan')):.3f}")
+            if config.train.save_every and self.step % config.train.save_every == 0:
+                self.save()
+        progress.close()
+        writer.close()
+        self.save()

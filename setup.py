@@ -1,0 +1,43 @@
+"""Install ddrl-scale: `pip install -e .[dev]` (CPU) or `pip install -e .[all]` (GPU cluster)."""
+
+from setuptools import find_packages, setup
+
+# Pins measured to work together (shared docs/ENVIRONMENT.md). torch is pinned exactly because an
+# unpinned torch resolves to a multi-GB CUDA build on CPU machines; GPU images bring their own torch.
+CORE = [
+    "torch==2.13.0",
+    "omegaconf==2.4.0",
+    "webdataset==1.0.2",
+    "safetensors>=0.4",
+    "numpy>=1.24",
+    "tqdm>=4.60",
+    "pillow>=9.0",
+    "matplotlib>=3.7",
+]
+EXTRAS = {
+    "deepspeed": ["deepspeed==0.19.8"],
+    "megatron": ["megatron-core==0.16.1"],
+    "triton": ["triton==3.9.0"],
+    "flash": ["flash-attn>=2.6"],  # GPU only: builds against a CUDA torch
+    "video": ["av>=12"],
+    "telemetry": ["nvidia-ml-py==13.615.71", "psutil>=5.9"],
+    "dev": ["pytest>=8", "pytest-timeout>=2.3", "ruff>=0.6"],
+}
+EXTRAS["all"] = sorted({req for reqs in EXTRAS.values() for req in reqs})
+
+setup(
+    name="ddrl-scale",
+    version="0.1.0",
+    description="Data-regularized diffusion RL (DDRL) post-training for video diffusion transformers",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    # `kernels/` lives at the top level but is importable only as `ddrl_scale.kernels`:
+    # a bare `kernels` package name is taken on PyPI.
+    packages=find_packages(include=["ddrl_scale", "ddrl_scale.*"]) + ["ddrl_scale.kernels"],
+    package_dir={"ddrl_scale.kernels": "kernels"},
+    package_data={"ddrl_scale": ["assets/*.safetensors", "assets/*.json"]},
+    install_requires=CORE,
+    extras_require=EXTRAS,
+    entry_points={"console_scripts": ["ddrl=ddrl_scale.cli:main"]},
+)
