@@ -190,7 +190,7 @@ class TrainSection:
 class PretrainSection:
     """`ddrl pretrain`: the flow-matching run that makes the shipped base checkpoint."""
 
-    steps: int = 3000
+    steps: int = 2000
     batch_size: int = 32
     lr: float = 1e-3
     output: str = "outputs/pretrain/base.safetensors"

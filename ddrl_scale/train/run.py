@@ -6,7 +6,10 @@ eval_after.json, summary.json, curves.png and samples_before_after.gif.
 
 from __future__ import annotations
 
+import json
 import logging
+import platform
+import resource
 import time
 from pathlib import Path
 
@@ -25,8 +28,6 @@ def _before(trainer: Trainer, run_dir: Path) -> tuple[dict, torch.Tensor]:
     """Evaluation of the starting weights, kept on disk so a resumed run reports the true 'before'."""
     json_path, videos_path = run_dir / "eval_before.json", run_dir / "eval_before_videos.safetensors"
     if trainer.step > 0 and json_path.is_file() and videos_path.is_file():
-        import json
-
         return json.loads(json_path.read_text()), load_file(str(videos_path))["videos"]
     result = trainer.run_evaluation()
     write_json(result.summary(), json_path)
@@ -44,6 +45,9 @@ def run_training(config: RunConfig) -> dict:
     before, before_videos = _before(trainer, run_dir) if evaluating else (None, None)
     trainer.train()
     summary = {"steps": trainer.step, "seconds": round(time.time() - start, 1),
+               "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+               "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, "
+                          f"torch {torch.__version__}, device {trainer.device}",
                "train_flops_per_sample": flops_per_sample(trainer.engine.model.config),
                "eval_sampler": "ode (fixed prompts and initial noise)", "before": before}
     if evaluating:
@@ -60,7 +64,8 @@ def run_training(config: RunConfig) -> dict:
 
 
 def describe(summary: dict, run_dir: str) -> str:
-    lines = [f"finished {summary['steps']} steps in {summary['seconds']:.0f} s; outputs in {run_dir}/"]
+    lines = [f"finished {summary['steps']} steps in {summary['seconds']:.0f} s "
+             f"(peak RSS {summary['peak_rss_mb']:.0f} MB; {summary['machine']}); outputs in {run_dir}/"]
     if summary.get("before") and summary.get("after"):
         before, after = summary["before"], summary["after"]
         lines.append(
