@@ -14,25 +14,25 @@ def _config(args: argparse.Namespace) -> RunConfig:
 
 
 def cmd_train(args: argparse.Namespace) -> None:
+    config = _config(args)  # validated before the heavier imports and any work
     from ddrl_scale.train.run import describe, run_training
 
-    config = _config(args)
     setup(config.run.num_threads)
     print(describe(run_training(config), config.run.output_dir))
 
 
 def cmd_pretrain(args: argparse.Namespace) -> None:
+    config = _config(args)
     from ddrl_scale.train.pretrain import pretrain
 
-    config = _config(args)
     setup(config.run.num_threads)
     print(f"base checkpoint: {pretrain(config)}")
 
 
 def cmd_data_demo(args: argparse.Namespace) -> None:
+    config = _config(args)
     from ddrl_scale.train.anchor_data import demo_shards
 
-    config = _config(args)
     setup(config.run.num_threads)
     shards = demo_shards(config)
     print(f"{config.data.num_generated} samples in {len(shards)} shards under "
@@ -71,7 +71,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.handler(args)
-    except ConfigError as error:
+    except (ConfigError, FileNotFoundError) as error:
+        # a user's bad input: say what and where, without a traceback
         print(f"ddrl: error: {error}", file=sys.stderr)
         return 2
     return 0

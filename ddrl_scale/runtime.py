@@ -39,3 +39,8 @@ def setup(num_threads: int = 0, level: int = logging.INFO) -> None:
     # rank 0 speaks; other ranks only warn
     logging.basicConfig(level=level if rank == 0 else logging.WARNING,
                         format=f"%(asctime)s [rank {rank}] %(name)s: %(message)s", datefmt="%H:%M:%S")
+
+
+def upcast(tensor: torch.Tensor) -> torch.Tensor:
+    """fp32 for half-precision (and fp32) tensors; float64 stays float64 (reference checks use it)."""
+    return tensor if tensor.dtype == torch.float64 else tensor.float()

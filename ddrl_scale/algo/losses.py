@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from ddrl_scale.algo.registry import register
+from ddrl_scale.runtime import upcast
 
 
 def _mean_over_sample(x: torch.Tensor) -> torch.Tensor:
@@ -36,13 +37,17 @@ def flow_matching_loss(
     v_pred: torch.Tensor, x0: torch.Tensor, noise: torch.Tensor, weight: torch.Tensor | None = None
 ) -> torch.Tensor:
     """Per-sample loss (B,): mean over non-batch dims of w (v_pred - (noise - x0))^2, w (B,) or 1."""
-    per_sample = _mean_over_sample((v_pred.float() - (noise.float() - x0.float())) ** 2)
-    return per_sample if weight is None else weight.float() * per_sample
+    per_sample = _mean_over_sample((upcast(v_pred) - (upcast(noise) - upcast(x0))) ** 2)
+    return per_sample if weight is None else upcast(weight) * per_sample
 
 
 def reverse_kl(mean: torch.Tensor, ref_mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
-    """Per-sample KL (B,) between Gaussians of equal std: mean over dims of (mu_ref - mu)^2 / (2 std^2)."""
-    return _mean_over_sample((ref_mean.detach().float() - mean.float()) ** 2) / (2.0 * std.float() ** 2)
+    """Per-sample KL (B,) between Gaussians of equal std: mean over dims of (mu_ref - mu)^2 / (2 std^2).
+
+    std is the transition std that `sde_step` returns (std_t sqrt(-dt)), the same scale as
+    Flow-GRPO's KL term, so kl_beta values carry over.
+    """
+    return _mean_over_sample((upcast(ref_mean.detach()) - upcast(mean)) ** 2) / (2.0 * upcast(std) ** 2)
 
 
 @register("loss", "ddrl")

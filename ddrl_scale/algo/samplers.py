@@ -14,12 +14,14 @@ from dataclasses import dataclass
 
 import torch
 
+from ddrl_scale.runtime import upcast
+
 _LOG_SQRT_2PI = 0.5 * math.log(2.0 * math.pi)
 
 
 def _per_sample(value: float | torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """A float or (B,) tensor as fp32 (B, 1, ..., 1) broadcastable against `like` (B, ...)."""
-    value = torch.as_tensor(value, dtype=torch.float32, device=like.device)
+    """A float or (B,) tensor as (B, 1, ..., 1) of like's dtype, broadcastable against `like`."""
+    value = torch.as_tensor(value, dtype=like.dtype, device=like.device)
     if value.dim() == 0:
         value = value.expand(like.shape[0])
     return value.reshape(-1, *([1] * (like.dim() - 1)))
@@ -42,7 +44,7 @@ def sde_step(
     log-density averaged over the non-batch dims, mean (B, ...), std (B,) = the transition's standard
     deviation std_t * sqrt(-dt)).
     """
-    v, x = v.float(), x.float()
+    v, x = upcast(v), upcast(x)
     sigma_b, sigma_next_b = _per_sample(sigma, x), _per_sample(sigma_next, x)
     dt = sigma_next_b - sigma_b
     # std_t = a sqrt(sigma / (1 - sigma)) is infinite at sigma = 1; Flow-GRPO evaluates the first
@@ -55,8 +57,8 @@ def sde_step(
     if prev_sample is None:
         if noise is None:
             noise = torch.randn_like(x)
-        prev_sample = mean + std * noise.float()
-    prev_sample = prev_sample.float()
+        prev_sample = mean + std * noise.to(mean.dtype)
+    prev_sample = prev_sample.to(mean.dtype)
     log_density = -((prev_sample.detach() - mean) ** 2) / (2.0 * std**2) - torch.log(std) - _LOG_SQRT_2PI
     log_prob = log_density.mean(dim=tuple(range(1, x.dim())))
     return prev_sample, log_prob, mean, std.reshape(-1)
@@ -65,8 +67,8 @@ def sde_step(
 def ode_step(v: torch.Tensor, x: torch.Tensor, sigma: float | torch.Tensor,
              sigma_next: float | torch.Tensor) -> torch.Tensor:
     """Euler step of the probability-flow ODE: x + v (sigma_next - sigma), in fp32."""
-    x = x.float()
-    return x + v.float() * (_per_sample(sigma_next, x) - _per_sample(sigma, x))
+    x = upcast(x)
+    return x + upcast(v) * (_per_sample(sigma_next, x) - _per_sample(sigma, x))
 
 
 @dataclass
@@ -108,7 +110,7 @@ def sample(
     if kind not in ("sde", "ode"):
         raise ValueError(f"sampler kind must be 'sde' or 'ode', got {kind!r}")
     batch = noise.shape[0]
-    x = noise.float()
+    x = upcast(noise)
     states, means, log_probs = [x], [], []
     for index in range(len(sigmas) - 1):
         sigma, sigma_next = float(sigmas[index]), float(sigmas[index + 1])

@@ -5,21 +5,42 @@ Errors name the key and what was expected, before any work starts (docs/architec
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 
-from omegaconf import OmegaConf
+import yaml
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from ddrl_scale.config.schema import ConfigError, RunConfig
 
+_SECTIONS = {f.name for f in dataclasses.fields(RunConfig) if f.name != "rewards"}
 
-def _explain(error: OmegaConfBaseException, origin: str) -> ConfigError:
-    key = getattr(error, "full_key", None) or "?"
+
+def _explain(error: Exception, origin: str) -> ConfigError:
+    key = getattr(error, "full_key", None) or getattr(error, "key", None)
     message = str(error).splitlines()[0]
+    if not key:
+        return ConfigError(f"{origin}: {message}")
     if "not in struct" in message or "Key '" in message and "not" in message:
         return ConfigError(f"{origin}: unknown config key '{key}' ({message})")
     return ConfigError(f"{origin}: config key '{key}': {message}")
+
+
+def _load_yaml(path: Path):
+    try:
+        loaded = OmegaConf.load(path)
+    except yaml.YAMLError as error:
+        raise ConfigError(f"config file '{path}' is not valid YAML: {error}") from None
+    if not isinstance(loaded, DictConfig):
+        raise ConfigError(f"config file '{path}': expected a mapping of sections at the top level "
+                          f"(run:, model:, ...), got a {type(loaded).__name__}")
+    for key, value in loaded.items():
+        if key in _SECTIONS and not isinstance(value, DictConfig):
+            raise ConfigError(f"config file '{path}': config key '{key}' must be a mapping of "
+                              f"settings, got {value!r}")
+    return loaded
 
 
 def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> RunConfig:
@@ -30,8 +51,8 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
         if not path.is_file():
             raise ConfigError(f"config file '{path}' does not exist")
         try:
-            merged = OmegaConf.merge(merged, OmegaConf.load(path))
-        except OmegaConfBaseException as error:
+            merged = OmegaConf.merge(merged, _load_yaml(path))
+        except (OmegaConfBaseException, TypeError) as error:
             raise _explain(error, f"config file '{path}'") from None
     for item in overrides or []:
         if "=" not in item:
@@ -40,8 +61,11 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
         if OmegaConf.select(merged, key, default="__absent__") == "__absent__":
             raise ConfigError(f"override '{item}': unknown config key '{key}'")
         try:
-            merged = OmegaConf.merge(merged, OmegaConf.from_dotlist([item]))
-        except OmegaConfBaseException as error:
+            # parse the value as the dotlist syntax does, then assign it in place, so that list
+            # items can be addressed too (rewards.0.weight=2)
+            value = OmegaConf.to_container(OmegaConf.from_dotlist([f"value={item.split('=', 1)[1]}"]))
+            OmegaConf.update(merged, key, value["value"], merge=True)
+        except (OmegaConfBaseException, TypeError, ValueError) as error:
             raise _explain(error, f"override '{item}'") from None
     missing = sorted(OmegaConf.missing_keys(merged))
     if missing:

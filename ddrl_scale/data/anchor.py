@@ -44,15 +44,23 @@ class AnchorLoader:
         self.shuffle_buffer = max(1, shuffle_buffer)
         self.encode = encode or (lambda videos: videos)
         self.epoch, self.position = 0, 0  # samples already given in the current epoch
-        self.skipped = 0
+        # bad samples met in earlier epochs, and in this epoch's pass so far: a restored loader
+        # replays the epoch and meets the same bad samples again, so they are not counted twice
+        self.skipped_before_epoch, self.skipped_this_epoch = 0, 0
         self._stream: Iterator[tuple[str, torch.Tensor, str]] | None = None
 
+    @property
+    def skipped(self) -> int:
+        """Unreadable samples skipped so far."""
+        return self.skipped_before_epoch + self.skipped_this_epoch
+
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "position": self.position, "skipped": self.skipped}
+        return {"epoch": self.epoch, "position": self.position,
+                "skipped_before_epoch": self.skipped_before_epoch}
 
     def load_state_dict(self, state: dict) -> None:
         self.epoch, self.position = int(state["epoch"]), int(state["position"])
-        self.skipped = int(state.get("skipped", 0))
+        self.skipped_before_epoch, self.skipped_this_epoch = int(state["skipped_before_epoch"]), 0
         self._stream = None
 
     def _decode(self, sample: dict) -> tuple[str, torch.Tensor, str] | None:
@@ -66,7 +74,7 @@ class AnchorLoader:
             if video.dim() != 4:
                 raise ValueError(f"expected a 4-D video array, got shape {array.shape}")
         except Exception as error:  # any malformed sample is skipped, never fatal
-            self.skipped += 1
+            self.skipped_this_epoch += 1
             logger.warning("skipping sample '%s' of shard '%s': %s", key, url, error)
             return None
         return key, video, caption
@@ -90,7 +98,7 @@ class AnchorLoader:
 
     def _samples(self) -> Iterator[tuple[str, torch.Tensor, str]]:
         while True:
-            given = 0
+            given, self.skipped_this_epoch = 0, 0
             for item in self._epoch_samples(self.epoch):
                 given += 1
                 if given <= self.position:
@@ -100,6 +108,8 @@ class AnchorLoader:
             if given == 0:
                 raise RuntimeError(f"no readable sample in the anchor shards {self.shards[:3]}...")
             self.epoch, self.position = self.epoch + 1, 0
+            self.skipped_before_epoch += self.skipped_this_epoch
+            self.skipped_this_epoch = 0
 
     def next_batch(self) -> AnchorBatch:
         if self._stream is None:

@@ -46,13 +46,17 @@ def write_demo_shards(out_dir: str | Path, num_samples: int, samples_per_shard: 
         if index.get("params") == params and all((out_dir / s).is_file() for s in index["shards"]):
             return [out_dir / shard for shard in index["shards"]]
     out_dir.mkdir(parents=True, exist_ok=True)
+    # drop the old set first: a stale index or shard must never be mixed into the new one
+    index_path.unlink(missing_ok=True)
+    for old in out_dir.glob("demo-*.tar"):
+        old.unlink()
     pattern = str(out_dir / "demo-%06d.tar")
     with wds.ShardWriter(pattern, maxcount=samples_per_shard, verbose=0) as writer:
         for key, video, caption, meta in synthetic.make_samples(num_samples, seed, num_frames,
                                                                 height, width):
             writer.write({"__key__": key, "video.npy": encode_array(video),
                           "txt": caption.encode(), "json": json.dumps(meta).encode()})
-    shards = sorted(path.name for path in out_dir.glob("demo-*.tar"))
+    shards = [Path(pattern % index).name for index in range(-(-num_samples // samples_per_shard))]
     index_path.write_text(json.dumps({"params": params, "shards": shards}, indent=1))
     logger.info("wrote %d demo samples in %d shards under %s", num_samples, len(shards), out_dir)
     return [out_dir / shard for shard in shards]

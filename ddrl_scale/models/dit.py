@@ -16,6 +16,7 @@ from torch import nn
 
 from ddrl_scale.models.attention import attention
 from ddrl_scale.models.rope import apply_rope, rope_angles
+from ddrl_scale.runtime import upcast
 
 
 @dataclass(frozen=True)
@@ -64,7 +65,7 @@ def timestep_embedding(sigma: torch.Tensor, dim: int, max_period: float = 10000.
     """Sinusoidal embedding (B, dim) of sigma (B,) in [0, 1], scaled to [0, 1000] like DDPM steps."""
     half = dim // 2
     frequencies = torch.exp(-math.log(max_period) * torch.arange(half, device=sigma.device) / half)
-    angles = 1000.0 * sigma.float()[:, None] * frequencies[None, :]
+    angles = 1000.0 * upcast(sigma)[:, None] * frequencies[None, :]
     return torch.cat([angles.cos(), angles.sin()], dim=-1)
 
 

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import torch
 
+from ddrl_scale.runtime import upcast
+
 
 def axis_dims(head_dim: int) -> tuple[int, int, int]:
     """Rotary dims per axis (frames, height, width): even numbers summing to head_dim."""
@@ -34,8 +36,8 @@ def rope_angles(grid: tuple[int, int, int], head_dim: int, theta: float = 10000.
 
 def apply_rope(x: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
     """Rotate consecutive pairs of x (B, heads, N, head_dim) by angles (N, head_dim / 2)."""
-    pairs = x.float().reshape(*x.shape[:-1], -1, 2)
-    cos, sin = angles.cos().to(x.device), angles.sin().to(x.device)
+    pairs = upcast(x).reshape(*x.shape[:-1], -1, 2)
+    cos, sin = angles.cos().to(pairs), angles.sin().to(pairs)
     first, second = pairs[..., 0], pairs[..., 1]
     rotated = torch.stack((first * cos - second * sin, first * sin + second * cos), dim=-1)
     return rotated.flatten(-2).type_as(x)

@@ -55,6 +55,8 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
 def load_checkpoint(path: str | Path) -> tuple[dict, dict]:
     """Return (engine_state, extra) of a checkpoint folder written by `save_checkpoint`."""
     path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"checkpoint folder '{path}' does not exist")
     for name in ("model.safetensors", "state.pt"):
         if not (path / name).is_file():
             raise FileNotFoundError(f"checkpoint '{path}' is incomplete: '{name}' is missing")

@@ -37,6 +37,9 @@ def _before(trainer: Trainer, run_dir: Path) -> tuple[dict, torch.Tensor]:
 
 def run_training(config: RunConfig) -> dict:
     start = time.time()
+    resume = config.train.resume
+    if resume not in ("auto", "none") and not Path(resume).is_dir():
+        raise FileNotFoundError(f"train.resume: checkpoint folder '{resume}' does not exist")
     trainer = Trainer(config)
     trainer.maybe_resume()
     run_dir = trainer.run_dir
