@@ -7,6 +7,7 @@ import pytest
 import torch
 from torch.distributions import Normal
 
+from ddrl_scale.algo.noise import keyed_normal
 from ddrl_scale.algo.samplers import ode_step, sample, sde_step
 from ddrl_scale.algo.schedules import add_noise, shift_timesteps, sigma_schedule
 
@@ -157,7 +158,7 @@ def test_sde_trajectory_shapes_and_on_policy_ratio_is_exactly_one():
     velocity_fn = _straight_line_field(target)
     sigmas = sigma_schedule(steps, shift=2.0)
     trajectory = sample(velocity_fn, noise, sigmas, kind="sde",
-                        generator=torch.Generator().manual_seed(5))
+                        step_noise=lambda i: keyed_normal((3, 4), [0, 1], 5, i))
     assert trajectory.states.shape == (steps + 1, 2, 3, 4)
     assert trajectory.means.shape == (steps, 2, 3, 4)
     assert trajectory.log_probs.shape == (steps, 2)
@@ -205,3 +206,13 @@ def test_add_noise_interpolates_per_sample():
     assert torch.equal(out[0], x0[0]) and torch.equal(out[2], noise[2])
     expected = 0.7 * x0[1].double() + 0.3 * noise[1].double()
     torch.testing.assert_close(out[1].double(), expected, rtol=1e-6, atol=1e-6)
+
+
+def test_keyed_noise_depends_only_on_key_and_index():
+    """A row of keyed_normal is the same whichever other indices are drawn with it."""
+    together = keyed_normal((3,), [0, 1, 2, 3], 7, 1)
+    split = torch.cat([keyed_normal((3,), [0, 1], 7, 1), keyed_normal((3,), [2, 3], 7, 1)])
+    assert torch.equal(together, split)
+    assert torch.equal(keyed_normal((3,), [2], 7, 1)[0], together[2])
+    assert not torch.equal(keyed_normal((3,), [0], 7, 2)[0], together[0])  # another key differs
+    assert not torch.equal(together[0], together[1])

@@ -100,11 +100,12 @@ def sample(
     sigmas: torch.Tensor,
     kind: str = "sde",
     noise_level: float = 0.7,
-    generator: torch.Generator | None = None,
+    step_noise: Callable[[int], torch.Tensor] | None = None,
 ) -> Trajectory:
     """Run the sampler from `noise` (B, ...) over `sigmas` (S + 1,); velocity_fn(x, sigma_B) -> v.
 
-    kind "sde" records the transition means and behaviour log-probs (rollouts); "ode" is the
+    kind "sde" records the transition means and behaviour log-probs (rollouts); step_noise(i)
+    gives the standard normal (B, ...) of step i (default: torch's global RNG). "ode" is the
     deterministic Euler sampler (evaluation).
     """
     if kind not in ("sde", "ode"):
@@ -118,8 +119,8 @@ def sample(
         if kind == "ode":
             x = ode_step(v, x, sigma, sigma_next)
         else:
-            step_noise = torch.randn(x.shape, generator=generator, device=x.device)
-            x, log_prob, mean, _ = sde_step(v, x, sigma, sigma_next, noise_level, noise=step_noise)
+            noise_i = step_noise(index) if step_noise is not None else torch.randn_like(x)
+            x, log_prob, mean, _ = sde_step(v, x, sigma, sigma_next, noise_level, noise=noise_i)
             means.append(mean)
             log_probs.append(log_prob)
         states.append(x)

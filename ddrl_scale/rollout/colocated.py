@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from ddrl_scale.algo.advantages import group_advantages
+from ddrl_scale.algo.noise import ROLLOUT_INIT, ROLLOUT_STEP, keyed_normal
 from ddrl_scale.algo.samplers import Trajectory, sample
 from ddrl_scale.config.schema import AlgoSection, SamplerSection
 from ddrl_scale.rewards import WeightedRewards
@@ -31,12 +32,12 @@ class RolloutBatch:
     policy_version: int
 
 
-def initial_noise(num_groups: int, group_size: int, shape: tuple[int, ...], same_per_group: bool,
-                  generator: torch.Generator, device: torch.device) -> torch.Tensor:
-    """Starting noise (N, *shape); with same_per_group every member of a group starts alike."""
-    draws = num_groups if same_per_group else num_groups * group_size
-    noise = torch.randn((draws, *shape), generator=generator, device=device)
-    return noise.repeat_interleave(group_size, dim=0) if same_per_group else noise
+def initial_noise(sample_indices: list[int], group_size: int, shape: tuple[int, ...],
+                  same_per_group: bool, seed: int, step: int, device: torch.device) -> torch.Tensor:
+    """Starting noise (N, *shape) of the global samples `sample_indices`, keyed by (seed, step, index);
+    with same_per_group every member of a group starts from its group's noise."""
+    keys = [index // group_size for index in sample_indices] if same_per_group else sample_indices
+    return keyed_normal(shape, keys, seed, ROLLOUT_INIT, step, int(same_per_group), device=device)
 
 
 def generate_rollouts(
@@ -49,24 +50,31 @@ def generate_rollouts(
     sigmas: torch.Tensor,
     sampler: SamplerSection,
     algo: AlgoSection,
-    generator: torch.Generator,
+    seed: int,
+    step: int,
+    first_prompt_index: int,
     device: torch.device,
-    policy_version: int = 0,
 ) -> RolloutBatch:
     """Sample G = algo.group_size videos for each prompt with the SDE sampler, score, normalise.
 
     velocity(latents, sigma, text) is the policy; encode_text / decode are the text encoder and VAE.
+    Prompt p of this batch is prompt first_prompt_index + p of the step's global batch: all noise
+    is keyed by (seed, step, global sample index), so the split over ranks changes nothing.
     """
     group_size = algo.group_size
     expanded = [prompt for prompt in prompts for _ in range(group_size)]
+    indices = list(range(first_prompt_index * group_size, (first_prompt_index + len(prompts)) * group_size))
     text = encode_text(expanded)
-    noise = initial_noise(len(prompts), group_size, latent_shape, algo.same_noise_per_group,
-                          generator, device)
-    trajectory = sample(lambda x, sigma: velocity(x, sigma, text), noise, sigmas, kind="sde",
-                        noise_level=sampler.noise_level, generator=generator)
+    noise = initial_noise(indices, group_size, latent_shape, algo.same_noise_per_group, seed, step,
+                          device)
+    trajectory = sample(
+        lambda x, sigma: velocity(x, sigma, text), noise, sigmas, kind="sde",
+        noise_level=sampler.noise_level,
+        step_noise=lambda i: keyed_normal(latent_shape, indices, seed, ROLLOUT_STEP, step, i,
+                                          device=device))
     videos = decode(trajectory.final)
     scores = rewards(videos, expanded)
     advantages = group_advantages(scores, rewards.weights, group_size, algo.exp_reward,
                                   algo.advantage_clamp)
     return RolloutBatch(expanded, text, trajectory, videos, scores, rewards.total(scores),
-                        advantages, policy_version)
+                        advantages, step)

@@ -18,8 +18,9 @@ from tqdm import tqdm
 
 from ddrl_scale import algo
 from ddrl_scale.algo.losses import flow_matching_loss, reverse_kl
+from ddrl_scale.algo.noise import DATA_NOISE, DATA_SIGMA, keyed_normal
 from ddrl_scale.algo.samplers import sde_step
-from ddrl_scale.algo.schedules import add_noise, sample_training_sigma, sigma_schedule
+from ddrl_scale.algo.schedules import add_noise, sigma_schedule
 from ddrl_scale.config import RunConfig, save_config
 from ddrl_scale.data.anchor import AnchorBatch, AnchorLoader
 from ddrl_scale.models import PixelVAE, build_model, build_text_encoder
@@ -52,7 +53,6 @@ class Trainer:
                                    config.run.dtype)
         self.loader = AnchorLoader(demo_shards(config), config.algo.prompts_per_step,
                                    config.run.seed, config.data.shuffle_buffer, self.vae.encode)
-        self.generator = torch.Generator(device=self.device).manual_seed(config.run.seed + 1)
         self.sigmas = sigma_schedule(config.sampler.num_steps, config.sampler.shift)
         video = config.video
         self.latent_shape = (video.channels, video.num_frames, video.height, video.width)
@@ -70,7 +70,7 @@ class Trainer:
         # each group's prompt is its paired data item's caption (the released recipe)
         return generate_rollouts(self.velocity, self.encode_text, self.vae.decode, self.rewards,
                                  batch.captions, self.latent_shape, self.sigmas, self.config.sampler,
-                                 self.config.algo, self.generator, self.device, self.step)
+                                 self.config.algo, self.config.run.seed, self.step, 0, self.device)
 
     def trained_steps(self) -> list[int]:
         settings = self.config.algo
@@ -87,8 +87,10 @@ class Trainer:
             noise = rollouts.trajectory.initial_noise[:: settings.group_size]
             sigma = torch.full((x0.shape[0],), float(self.sigmas[index]), device=self.device)
         else:
-            noise = torch.randn(x0.shape, generator=self.generator, device=self.device)
-            sigma = sample_training_sigma(x0.shape[0], self.generator, self.device)
+            items = list(range(x0.shape[0]))
+            key = (self.config.run.seed, self.step, index)
+            noise = keyed_normal(x0.shape[1:], items, *key, DATA_NOISE, device=self.device)
+            sigma = torch.sigmoid(keyed_normal((), items, *key, DATA_SIGMA, device=self.device))
         v_pred = self.engine.forward(add_noise(x0, noise, sigma), sigma,
                                      self.encode_text(batch.captions))
         return flow_matching_loss(v_pred, x0, noise)
@@ -135,7 +137,7 @@ class Trainer:
     # -- checkpoints ----------------------------------------------------------------------------
     def save(self) -> Path:
         _, keys, position, has_gauss, cached = np.random.get_state()
-        extra = {"loader": self.loader.state_dict(), "generator": self.generator.get_state(),
+        extra = {"loader": self.loader.state_dict(),
                  "torch_rng": torch.get_rng_state(), "python_rng": random.getstate(),
                  "numpy_rng": [torch.from_numpy(keys.astype(np.int64)), position, has_gauss, cached]}
         return save_checkpoint(self.run_dir, self.step, self.engine.state_dict(), extra)
@@ -149,7 +151,6 @@ class Trainer:
         engine_state, extra = load_checkpoint(path)
         self.engine.load_state_dict(engine_state)
         self.loader.load_state_dict(extra["loader"])
-        self.generator.set_state(extra["generator"])
         torch.set_rng_state(extra["torch_rng"])
         keys, position, has_gauss, cached = extra["numpy_rng"]
         np.random.set_state(("MT19937", keys.numpy().astype(np.uint32), position, has_gauss, cached))
