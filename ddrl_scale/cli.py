@@ -15,10 +15,16 @@ def _config(args: argparse.Namespace) -> RunConfig:
 
 def cmd_train(args: argparse.Namespace) -> None:
     config = _config(args)  # validated before the heavier imports and any work
+    from ddrl_scale.parallel.distributed import shutdown
     from ddrl_scale.train.run import describe, run_training
 
     setup(config.run.num_threads)
-    print(describe(run_training(config), config.run.output_dir))
+    try:
+        summary = run_training(config)
+    finally:
+        shutdown()
+    if summary:  # rank 0
+        print(describe(summary, config.run.output_dir))
 
 
 def cmd_pretrain(args: argparse.Namespace) -> None:

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from ddrl_scale.algo.losses import ddrl_loss
 from ddrl_scale.config import load_config
+from ddrl_scale.train.checkpoint import read_weights
 from ddrl_scale.train.metrics import read_metrics
 from ddrl_scale.train.run import run_training
 from ddrl_scale.train.trainer import Trainer
@@ -28,7 +28,7 @@ def _train(overrides: list[str]) -> Trainer:
 
 
 def _weights(run_dir: Path, step: int, name: str = "model") -> dict[str, torch.Tensor]:
-    return load_file(str(run_dir / "checkpoints" / f"step_{step:06d}" / f"{name}.safetensors"))
+    return read_weights(run_dir / "checkpoints" / f"step_{step:06d}", ema=name == "ema")
 
 
 def test_run_training_writes_all_artifacts(tiny_overrides):
@@ -37,8 +37,9 @@ def test_run_training_writes_all_artifacts(tiny_overrides):
     summary = run_training(config)
     run_dir = Path(config.run.output_dir)
     for name in ("config.yaml", "metrics.jsonl", "eval_before.json", "eval_after.json", "summary.json",
-                 "curves.png", "samples_before_after.gif", "checkpoints/step_000003/model.safetensors",
-                 "checkpoints/step_000003/ema.safetensors", "checkpoints/step_000003/state.pt"):
+                 "curves.png", "samples_before_after.gif", "checkpoints/step_000003/engine/.metadata",
+                 "checkpoints/step_000003/trainer_state.pt", "checkpoints/step_000003/rng_rank0.pt",
+                 "checkpoints/step_000003/engine_schedule.pt"):
         assert (run_dir / name).is_file() and (run_dir / name).stat().st_size > 0, name
     assert load_config(run_dir / "config.yaml") == config
     records = read_metrics(run_dir / "metrics.jsonl")

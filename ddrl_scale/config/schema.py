@@ -170,6 +170,7 @@ class TrainSection:
     steps: int = 40  # optimizer steps (one per DDRL iteration)
     log_every: int = 1
     save_every: int = 0  # 0 = only at the end
+    keep_last: int = 2  # complete checkpoints kept; older ones are deleted
     eval_prompts: int = 16  # held-out prompts for the before/after evaluation; 0 = no evaluation
     eval_prompts_file: str = ""  # one prompt per line; "" = draw them from the demo generator
     eval_samples_per_prompt: int = 2
@@ -181,6 +182,7 @@ class TrainSection:
         _check(self.steps >= 0, "train.steps", ">= 0", self.steps)
         _check(self.log_every >= 1, "train.log_every", ">= 1", self.log_every)
         _check(self.save_every >= 0, "train.save_every", ">= 0", self.save_every)
+        _check(self.keep_last >= 1, "train.keep_last", ">= 1", self.keep_last)
         _check(self.eval_prompts >= 0, "train.eval_prompts", ">= 0", self.eval_prompts)
         _check(self.eval_samples_per_prompt >= 1, "train.eval_samples_per_prompt", ">= 1",
                self.eval_samples_per_prompt)
@@ -198,10 +200,16 @@ class PretrainSection:
 
 @dataclass
 class ParallelSection:
-    engine: str = "none"  # none (single process); sharded engines are registered in parallel/
+    engine: str = "none"  # none (one process) | fsdp2
+    dp_replicate: int = 1  # HSDP: replicas of the FSDP shard group (1 = plain FSDP)
+    activation_checkpointing: bool = False
+    compile_blocks: bool = False  # torch.compile each DiT block
+    timeout_s: float = 600.0  # every collective; a hang ends with an error naming rank and operation
 
     def __post_init__(self) -> None:
-        _check(self.engine in ("none",), "parallel.engine", "none", self.engine)
+        _check(self.engine in ("none", "fsdp2"), "parallel.engine", "none|fsdp2", self.engine)
+        _check(self.dp_replicate >= 1, "parallel.dp_replicate", ">= 1", self.dp_replicate)
+        _check(self.timeout_s > 0, "parallel.timeout_s", "> 0", self.timeout_s)
 
 
 @dataclass

@@ -1,5 +1,8 @@
-"""Parallelism applied from outside the model: the Engine interface and its registry."""
+"""Parallelism applied from outside the model: the Engine interface, its registry, the world."""
 
-from ddrl_scale.parallel.engine import Engine, LocalEngine, build_engine, register_engine
+from ddrl_scale.parallel import fsdp2  # noqa: F401  (registers the "fsdp2" engine)
+from ddrl_scale.parallel.distributed import World, init_world
+from ddrl_scale.parallel.engine import Engine, LocalEngine, available_engines, build_engine, register_engine
 
-__all__ = ["Engine", "LocalEngine", "build_engine", "register_engine"]
+__all__ = ["Engine", "LocalEngine", "World", "available_engines", "build_engine", "init_world",
+           "register_engine"]

@@ -1,21 +1,33 @@
 """One Engine interface for every way of holding the policy: the trainer never knows which runs.
 
 An engine wraps a plain model and owns its optimizer, learning-rate schedule, grad clipping and EMA:
-the "optimizer step -> EMA -> weight publish" stage of the data flow. Sharded engines (FSDP2,
-DeepSpeed, Megatron) register themselves here under their `parallel.engine` name.
+the "optimizer step -> EMA -> checkpoint -> weight publish" stage of the data flow. Torch-native
+engines ("none", "fsdp2") save and load through torch.distributed.checkpoint (DCP) with the plain
+model's parameter names, so a checkpoint written by one engine or world size loads in another.
 """
 
 from __future__ import annotations
 
 import abc
+import contextlib
+import logging
+import warnings
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
 from torch import nn
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.tensor import DTensor
 
-from ddrl_scale.config.schema import OptimSection
+from ddrl_scale.config.schema import OptimSection, ParallelSection
+from ddrl_scale.parallel.distributed import World, collective
 from ddrl_scale.runtime import autocast
 from ddrl_scale.train.ema import EMA
+
+logger = logging.getLogger(__name__)
 
 _ENGINES: dict[str, type[Engine]] = {}
 
@@ -28,11 +40,16 @@ def register_engine(name: str) -> Callable[[type], type]:
     return decorator
 
 
-def build_engine(name: str, model: nn.Module, optim: OptimSection, device: torch.device,
+def available_engines() -> list[str]:
+    return sorted(_ENGINES)
+
+
+def build_engine(model: nn.Module, optim: OptimSection, parallel: ParallelSection, world: World,
                  dtype: str = "fp32") -> Engine:
-    if name not in _ENGINES:
-        raise ValueError(f"parallel.engine: unknown engine '{name}'; registered: {sorted(_ENGINES)}")
-    return _ENGINES[name](model, optim, device, dtype)
+    if parallel.engine not in _ENGINES:
+        raise ValueError(f"parallel.engine: unknown engine '{parallel.engine}'; "
+                         f"registered: {available_engines()}")
+    return _ENGINES[parallel.engine](model, optim, parallel, world, dtype)
 
 
 def warmup_constant(warmup_steps: int) -> Callable[[int], float]:
@@ -40,12 +57,25 @@ def warmup_constant(warmup_steps: int) -> Callable[[int], float]:
     return lambda step: min(1.0, (step + 1) / warmup_steps) if warmup_steps else 1.0
 
 
+def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """The whole tensor: all-gathers a DTensor shard (a collective), returns a plain tensor as is."""
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+
+
+@contextlib.contextmanager
+def _single_process_quiet():
+    """DCP warns on every single-process save/load; that is the intended use here, not a problem."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
+
+
 class Engine(abc.ABC):
     model: nn.Module
 
     @abc.abstractmethod
     def forward(self, *args: torch.Tensor) -> torch.Tensor:
-        """Run the policy (under the run's autocast)."""
+        """Run the policy (under the run's precision policy)."""
 
     @abc.abstractmethod
     def backward(self, loss: torch.Tensor) -> None: ...
@@ -55,38 +85,48 @@ class Engine(abc.ABC):
         """Clip gradients, optimizer and schedule step, EMA update, zero grads; return the grad norm."""
 
     @abc.abstractmethod
-    def state_dict(self) -> dict:
-        """Everything to resume: model, optimizer, schedule, EMA."""
+    def save(self, directory: Path) -> None:
+        """Write model, optimizer, EMA and schedule state under `directory` (every rank calls)."""
 
     @abc.abstractmethod
-    def load_state_dict(self, state: dict) -> None: ...
+    def load(self, directory: Path) -> None:
+        """Restore what `save` wrote, whatever engine or world size wrote it (every rank calls)."""
 
     @abc.abstractmethod
-    def full_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
-        """(name, full tensor) one parameter at a time: the stream the rollout side loads."""
+    def full_weights(self, dtype: torch.dtype | None = None, ema: bool = False
+                     ) -> Iterator[tuple[str, torch.Tensor]]:
+        """(name, full tensor) one at a time, every rank calls: what the rollout side loads.
 
-    @abc.abstractmethod
-    def ema_weights(self) -> dict[str, torch.Tensor] | None: ...
+        Sharded engines gather one tensor at a time, so no rank ever holds a second whole model.
+        """
 
     @property
     @abc.abstractmethod
     def lr(self) -> float: ...
 
 
-@register_engine("none")
-class LocalEngine(Engine):
-    """Single process, unsharded: the plain reference every sharded engine is tested against."""
+class TorchEngine(Engine):
+    """A torch optimizer over the (possibly sharded) module; `wrap` applies the parallelism."""
 
-    def __init__(self, model: nn.Module, optim: OptimSection, device: torch.device, dtype: str = "fp32"):
-        self.model, self.device, self.dtype, self.grad_clip = model.to(device), device, dtype, optim.grad_clip
-        self.optimizer = torch.optim.AdamW(model.parameters(), lr=optim.lr, betas=tuple(optim.betas),
-                                           eps=optim.eps, weight_decay=optim.weight_decay)
+    def __init__(self, model: nn.Module, optim: OptimSection, parallel: ParallelSection, world: World,
+                 dtype: str = "fp32"):
+        self.world, self.dtype, self.grad_clip, self.device = world, dtype, optim.grad_clip, world.device
+        self.model = self.wrap(model.to(world.device), parallel)
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=optim.lr,
+                                           betas=tuple(optim.betas), eps=optim.eps,
+                                           weight_decay=optim.weight_decay)
         self.schedule = torch.optim.lr_scheduler.LambdaLR(self.optimizer,
                                                           warmup_constant(optim.warmup_steps))
-        self.ema = EMA(model, optim.ema_decay) if optim.ema_decay > 0 else None
+        self.ema = EMA(self.model, optim.ema_decay) if optim.ema_decay > 0 else None
+
+    def wrap(self, model: nn.Module, parallel: ParallelSection) -> nn.Module:
+        return model
+
+    def autocast(self):
+        return autocast(self.device, self.dtype)
 
     def forward(self, *args: torch.Tensor) -> torch.Tensor:
-        with autocast(self.device, self.dtype):
+        with self.autocast():
             return self.model(*args)
 
     def backward(self, loss: torch.Tensor) -> None:
@@ -95,35 +135,66 @@ class LocalEngine(Engine):
     def step(self) -> float:
         parameters = [p for p in self.model.parameters() if p.grad is not None]
         max_norm = self.grad_clip if self.grad_clip > 0 else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(parameters, max_norm)
+        grad_norm = collective("clip_grad_norm", lambda: torch.nn.utils.clip_grad_norm_(parameters,
+                                                                                         max_norm))
         self.optimizer.step()
         self.schedule.step()
         self.optimizer.zero_grad(set_to_none=True)
         if self.ema is not None:
             self.ema.update(self.model)
-        return float(grad_norm)
+        return float(full_tensor(grad_norm))
 
-    def state_dict(self) -> dict:
-        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "schedule": self.schedule.state_dict(),
-                "ema": self.ema.state_dict() if self.ema is not None else None}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.schedule.load_state_dict(state["schedule"])
+    def _state(self) -> dict:
+        model_state, optimizer_state = get_state_dict(self.model, self.optimizer)
+        state = {"model": model_state, "optimizer": optimizer_state}
         if self.ema is not None:
-            if state.get("ema") is None:
-                raise KeyError("checkpoint has no EMA state but optim.ema_decay > 0")
-            self.ema.load_state_dict(state["ema"])
+            state["ema"] = self.ema.shadow
+        return state
 
-    def full_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
-        for name, tensor in self.model.state_dict().items():
-            yield name, tensor.detach()
+    def save(self, directory: Path) -> None:
+        with _single_process_quiet():
+            collective("checkpoint save", lambda: dcp.save(
+                self._state(), checkpoint_id=directory / "engine", no_dist=not dist.is_initialized()))
+        if self.world.is_main:
+            torch.save({"schedule": self.schedule.state_dict()}, directory / "engine_schedule.pt")
 
-    def ema_weights(self) -> dict[str, torch.Tensor] | None:
-        return self.ema.state_dict() if self.ema is not None else None
+    def load(self, directory: Path) -> None:
+        if not (directory / "engine" / ".metadata").is_file():
+            raise FileNotFoundError(f"checkpoint '{directory}' has no engine state (engine/.metadata)")
+        state = self._state()
+        with _single_process_quiet():
+            collective("checkpoint load", lambda: dcp.load(
+                state, checkpoint_id=directory / "engine", no_dist=not dist.is_initialized()))
+        set_state_dict(self.model, self.optimizer, model_state_dict=state["model"],
+                       optim_state_dict=state["optimizer"])
+        if self.ema is not None:
+            if "ema" not in state:
+                raise KeyError(f"checkpoint '{directory}' has no EMA but optim.ema_decay > 0")
+            self.ema.shadow = state["ema"]
+        extra = torch.load(directory / "engine_schedule.pt", map_location="cpu", weights_only=True)
+        self.schedule.load_state_dict(extra["schedule"])
+
+    def full_weights(self, dtype: torch.dtype | None = None, ema: bool = False
+                     ) -> Iterator[tuple[str, torch.Tensor]]:
+        if ema and self.ema is None:
+            raise ValueError("EMA weights requested but optim.ema_decay = 0 (EMA off)")
+        source = self.ema.shadow if ema else dict(self.model.state_dict())
+        for name, tensor in source.items():
+            tensor = collective(f"all_gather({name})", lambda t=tensor: full_tensor(t.detach()))
+            yield name, tensor.to(dtype) if dtype is not None else tensor
 
     @property
     def lr(self) -> float:
         return self.optimizer.param_groups[0]["lr"]
+
+
+@register_engine("none")
+class LocalEngine(TorchEngine):
+    """Single process, unsharded: the plain reference every sharded engine is tested against."""
+
+    def __init__(self, model: nn.Module, optim: OptimSection, parallel: ParallelSection, world: World,
+                 dtype: str = "fp32"):
+        if world.distributed:
+            raise ValueError(f"parallel.engine=none runs in one process, but the world has "
+                             f"{world.world_size} ranks; use parallel.engine=fsdp2")
+        super().__init__(model, optim, parallel, world, dtype)

@@ -1,68 +1,119 @@
 """Checkpoints of a run: everything needed to resume exactly (the "save" hook of the trainer loop).
 
-Layout: RUN_DIR/checkpoints/step_000040/{model.safetensors, ema.safetensors, state.pt}; `state.pt`
-holds the optimizer, schedule, RNG and loader states and is read with `weights_only=True`.
-A checkpoint folder is written under a temporary name and renamed when complete, so a crash while
-saving never leaves a half checkpoint that resume would pick.
+Layout: RUN_DIR/checkpoints/step_000040/ with engine/ (DCP: model, optimizer, EMA, sharded as the
+engine holds them), engine_schedule.pt, trainer_state.pt (step, loader position) and
+rng_rank{R}.pt (each rank's RNG states). A checkpoint is written under `.partial_step_N/` and renamed
+when every rank has finished, so a crash mid-save never leaves a half checkpoint that resume would
+pick; the newest `train.keep_last` complete ones are kept.
 """
 
 from __future__ import annotations
 
 import logging
+import random
 import re
 import shutil
+import warnings
 from pathlib import Path
 
+import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+
+from ddrl_scale.parallel.distributed import World, barrier
+from ddrl_scale.parallel.engine import Engine
 
 logger = logging.getLogger(__name__)
 
 _STEP_DIR = re.compile(r"^step_(\d{6,})$")
 
 
-def _tensors(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {name: tensor.detach().cpu().contiguous() for name, tensor in state.items()}
+def rng_state() -> dict:
+    _, keys, position, has_gauss, cached = np.random.get_state()
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
+             "numpy": [torch.from_numpy(keys.astype(np.int64)), position, has_gauss, cached]}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
 
 
-def save_checkpoint(run_dir: str | Path, step: int, engine_state: dict, extra: dict) -> Path:
-    """Write step `step`: model and EMA as safetensors, optimizer/schedule/`extra` in state.pt."""
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    keys, position, has_gauss, cached = state["numpy"]
+    np.random.set_state(("MT19937", keys.numpy().astype(np.uint32), position, has_gauss, cached))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def complete_checkpoints(run_dir: str | Path) -> list[Path]:
+    """Complete checkpoint folders of a run, oldest first."""
     root = Path(run_dir) / "checkpoints"
-    final = root / f"step_{step:06d}"
-    partial = root / f".partial_step_{step:06d}"
-    shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir(parents=True)
-    save_file(_tensors(engine_state["model"]), str(partial / "model.safetensors"))
-    if engine_state.get("ema") is not None:
-        save_file(_tensors(engine_state["ema"]), str(partial / "ema.safetensors"))
-    rest = {key: value for key, value in engine_state.items() if key not in ("model", "ema")}
-    torch.save({"step": step, "engine": rest, **extra}, partial / "state.pt")
-    shutil.rmtree(final, ignore_errors=True)
-    partial.rename(final)
-    logger.info("saved checkpoint %s", final)
-    return final
+    if not root.is_dir():
+        return []
+    found = [(int(match.group(1)), path) for path in root.iterdir()
+             if (match := _STEP_DIR.match(path.name)) and (path / "trainer_state.pt").is_file()]
+    return [path for _, path in sorted(found)]
 
 
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    found = complete_checkpoints(run_dir)
+    return found[-1] if found else None
+
+
+def save_checkpoint(run_dir: str | Path, step: int, engine: Engine, trainer_state: dict,
+                    world: World, keep_last: int = 2) -> Path:
+    """Every rank calls: engine state (sharded), this rank's RNG, rank 0's trainer state."""
     root = Path(run_dir) / "checkpoints"
-    if not root.is_dir():
-        return None
-    steps = [(int(match.group(1)), path) for path in root.iterdir()
-             if (match := _STEP_DIR.match(path.name)) and (path / "state.pt").is_file()]
-    return max(steps)[1] if steps else None
+    final, partial = root / f"step_{step:06d}", root / f".partial_step_{step:06d}"
+    if world.is_main:
+        shutil.rmtree(partial, ignore_errors=True)
+        partial.mkdir(parents=True)
+    barrier(world, "checkpoint: start")
+    engine.save(partial)
+    torch.save(rng_state(), partial / f"rng_rank{world.rank}.pt")
+    if world.is_main:
+        torch.save({"step": step, **trainer_state}, partial / "trainer_state.pt")
+    barrier(world, "checkpoint: written")
+    if world.is_main:
+        shutil.rmtree(final, ignore_errors=True)
+        partial.rename(final)
+        for old in complete_checkpoints(run_dir)[:-keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+        logger.info("saved checkpoint %s", final)
+    barrier(world, "checkpoint: committed")
+    return final
 
 
-def load_checkpoint(path: str | Path) -> tuple[dict, dict]:
-    """Return (engine_state, extra) of a checkpoint folder written by `save_checkpoint`."""
+def load_checkpoint(path: str | Path, engine: Engine, world: World) -> dict:
+    """Restore the engine and this rank's RNG; return the trainer state (step, loader, ...)."""
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"checkpoint folder '{path}' does not exist")
-    for name in ("model.safetensors", "state.pt"):
-        if not (path / name).is_file():
-            raise FileNotFoundError(f"checkpoint '{path}' is incomplete: '{name}' is missing")
-    extra = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
-    engine_state = dict(extra.pop("engine"))
-    engine_state["model"] = load_file(str(path / "model.safetensors"))
-    ema = path / "ema.safetensors"
-    engine_state["ema"] = load_file(str(ema)) if ema.is_file() else None
-    return engine_state, extra
+    if not (path / "trainer_state.pt").is_file():
+        raise FileNotFoundError(f"checkpoint '{path}' is incomplete: 'trainer_state.pt' is missing")
+    engine.load(path)
+    rng_path = path / f"rng_rank{world.rank}.pt"
+    if rng_path.is_file():  # a checkpoint from a smaller world has no RNG state for this rank
+        set_rng_state(torch.load(rng_path, map_location="cpu", weights_only=True))
+    return torch.load(path / "trainer_state.pt", map_location="cpu", weights_only=True)
+
+
+def read_weights(path: str | Path, ema: bool = False) -> dict[str, torch.Tensor]:
+    """Full model (or EMA) tensors of a checkpoint, in one process, whatever world size wrote it."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    engine_dir = Path(path) / "engine"
+    if not (engine_dir / ".metadata").is_file():
+        raise FileNotFoundError(f"checkpoint '{path}' has no engine state (engine/.metadata)")
+    prefix = "ema." if ema else "model."
+    metadata = dcp.FileSystemReader(str(engine_dir)).read_metadata()
+    state = {key: torch.empty(meta.size, dtype=meta.properties.dtype)
+             for key, meta in metadata.state_dict_metadata.items()
+             if key.startswith(prefix) and isinstance(meta, TensorStorageMetadata)}
+    if not state:
+        raise KeyError(f"checkpoint '{path}' holds no {'EMA' if ema else 'model'} weights")
+    with warnings.catch_warnings():  # single-process load is intended here
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load(state, checkpoint_id=str(engine_dir), no_dist=True)
+    return {key[len(prefix):]: tensor for key, tensor in state.items()}

@@ -18,6 +18,7 @@ from safetensors.torch import load_file, save_file
 
 from ddrl_scale.config import RunConfig
 from ddrl_scale.models import flops_per_sample
+from ddrl_scale.parallel.distributed import barrier
 from ddrl_scale.train.report import before_after_gif, plot_curves, write_json
 from ddrl_scale.train.trainer import Trainer
 
@@ -29,21 +30,25 @@ def _before(trainer: Trainer, run_dir: Path) -> tuple[dict, torch.Tensor]:
     json_path, videos_path = run_dir / "eval_before.json", run_dir / "eval_before_videos.safetensors"
     if trainer.step > 0 and json_path.is_file() and videos_path.is_file():
         return json.loads(json_path.read_text()), load_file(str(videos_path))["videos"]
-    result = trainer.run_evaluation()
-    write_json(result.summary(), json_path)
-    save_file({"videos": result.videos.cpu().contiguous()}, str(videos_path))
+    result = trainer.run_evaluation()  # every rank: a sharded policy's forward is collective
+    if trainer.world.is_main:
+        write_json(result.summary(), json_path)
+        save_file({"videos": result.videos.cpu().contiguous()}, str(videos_path))
     return result.summary(), result.videos
 
 
 def run_training(config: RunConfig) -> dict:
+    """Every rank calls; rank 0 writes the artifacts and returns the summary (others: {})."""
     start = time.time()
     resume = config.train.resume
     if resume not in ("auto", "none") and not Path(resume).is_dir():
         raise FileNotFoundError(f"train.resume: checkpoint folder '{resume}' does not exist")
     trainer = Trainer(config)
     trainer.maybe_resume()
-    run_dir = trainer.run_dir
-    run_dir.mkdir(parents=True, exist_ok=True)
+    run_dir, main = trainer.run_dir, trainer.world.is_main
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    barrier(trainer.world, "run directory")
     evaluating = config.train.eval_prompts > 0
     before, before_videos = _before(trainer, run_dir) if evaluating else (None, None)
     trainer.train()
@@ -53,8 +58,10 @@ def run_training(config: RunConfig) -> dict:
                           f"torch {torch.__version__}, device {trainer.device}",
                "train_flops_per_sample": flops_per_sample(trainer.engine.model.config),
                "eval_sampler": "ode (fixed prompts and initial noise)", "before": before}
-    if evaluating:
-        after = trainer.run_evaluation()
+    after = trainer.run_evaluation() if evaluating else None
+    if not main:
+        return {}
+    if after is not None:
         summary["after"] = after.summary()
         write_json(summary["after"], run_dir / "eval_after.json")
         columns = config.train.eval_samples_per_prompt * 4

@@ -8,11 +8,9 @@ from __future__ import annotations
 
 import copy
 import logging
-import random
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -24,10 +22,11 @@ from ddrl_scale.algo.schedules import add_noise, sigma_schedule
 from ddrl_scale.config import RunConfig, save_config
 from ddrl_scale.data.anchor import AnchorBatch, AnchorLoader
 from ddrl_scale.models import PixelVAE, build_model, build_text_encoder
-from ddrl_scale.parallel import build_engine
+from ddrl_scale.parallel import World, build_engine, init_world
+from ddrl_scale.parallel.distributed import reduce_metrics
 from ddrl_scale.rewards import WeightedRewards
 from ddrl_scale.rollout import RolloutBatch, generate_rollouts
-from ddrl_scale.runtime import resolve_device, seed_everything
+from ddrl_scale.runtime import seed_everything
 from ddrl_scale.train.anchor_data import demo_shards
 from ddrl_scale.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from ddrl_scale.train.evaluate import EvalResult, eval_prompts, evaluate
@@ -36,12 +35,23 @@ from ddrl_scale.train.metrics import MetricsWriter
 logger = logging.getLogger(__name__)
 
 
+def local_slice(total: int, world: World, what: str) -> slice:
+    """This rank's contiguous share of `total` items (total must divide evenly)."""
+    if total % world.world_size:
+        raise ValueError(f"{what}={total} must be a multiple of the {world.world_size} ranks")
+    share = total // world.world_size
+    return slice(world.rank * share, (world.rank + 1) * share)
+
+
 class Trainer:
-    def __init__(self, config: RunConfig):
+    def __init__(self, config: RunConfig, world: World | None = None):
         self.config = config
         self.run_dir = Path(config.run.output_dir)
         seed_everything(config.run.seed)
-        self.device = resolve_device(config.run.device)
+        self.world = world or init_world(config.run.device, config.parallel.timeout_s)
+        self.device = self.world.device
+        # every rank reads the step's global prompt batch and keeps its own contiguous share
+        self.prompt_slice = local_slice(config.algo.prompts_per_step, self.world, "algo.prompts_per_step")
         self.text_encoder, self.vae = build_text_encoder(config), PixelVAE()
         self.rewards = WeightedRewards([(r.name, r.weight, dict(r.args)) for r in config.rewards])
         self.loss_fn = algo.get("loss", config.algo.name)
@@ -49,8 +59,7 @@ class Trainer:
         # Flow-GRPO's reverse KL needs the frozen starting policy; DDRL (kl_beta = 0) does not
         self.reference = copy.deepcopy(model).requires_grad_(False).to(self.device) \
             if config.algo.kl_beta > 0 else None
-        self.engine = build_engine(config.parallel.engine, model, config.optim, self.device,
-                                   config.run.dtype)
+        self.engine = build_engine(model, config.optim, config.parallel, self.world, config.run.dtype)
         self.loader = AnchorLoader(demo_shards(config), config.algo.prompts_per_step,
                                    config.run.seed, config.data.shuffle_buffer, self.vae.encode)
         self.sigmas = sigma_schedule(config.sampler.num_steps, config.sampler.shift)
@@ -66,11 +75,16 @@ class Trainer:
     def velocity(self, latents: torch.Tensor, sigma: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
         return self.engine.forward(latents, sigma, text)
 
+    def next_batch(self) -> AnchorBatch:
+        batch, share = self.loader.next_batch(), self.prompt_slice
+        return AnchorBatch(batch.latents[share], batch.captions[share], batch.keys[share])
+
     def rollout(self, batch: AnchorBatch) -> RolloutBatch:
         # each group's prompt is its paired data item's caption (the released recipe)
         return generate_rollouts(self.velocity, self.encode_text, self.vae.decode, self.rewards,
                                  batch.captions, self.latent_shape, self.sigmas, self.config.sampler,
-                                 self.config.algo, self.config.run.seed, self.step, 0, self.device)
+                                 self.config.algo, self.config.run.seed, self.step,
+                                 self.prompt_slice.start, self.device)
 
     def trained_steps(self) -> list[int]:
         settings = self.config.algo
@@ -87,7 +101,7 @@ class Trainer:
             noise = rollouts.trajectory.initial_noise[:: settings.group_size]
             sigma = torch.full((x0.shape[0],), float(self.sigmas[index]), device=self.device)
         else:
-            items = list(range(x0.shape[0]))
+            items = list(range(self.prompt_slice.start, self.prompt_slice.start + x0.shape[0]))
             key = (self.config.run.seed, self.step, index)
             noise = keyed_normal(x0.shape[1:], items, *key, DATA_NOISE, device=self.device)
             sigma = torch.sigmoid(keyed_normal((), items, *key, DATA_SIGMA, device=self.device))
@@ -136,11 +150,9 @@ class Trainer:
 
     # -- checkpoints ----------------------------------------------------------------------------
     def save(self) -> Path:
-        _, keys, position, has_gauss, cached = np.random.get_state()
-        extra = {"loader": self.loader.state_dict(),
-                 "torch_rng": torch.get_rng_state(), "python_rng": random.getstate(),
-                 "numpy_rng": [torch.from_numpy(keys.astype(np.int64)), position, has_gauss, cached]}
-        return save_checkpoint(self.run_dir, self.step, self.engine.state_dict(), extra)
+        return save_checkpoint(self.run_dir, self.step, self.engine,
+                               {"loader": self.loader.state_dict()}, self.world,
+                               self.config.train.keep_last)
 
     def maybe_resume(self) -> None:
         setting = self.config.train.resume
@@ -148,27 +160,22 @@ class Trainer:
             None if setting == "none" else Path(setting))
         if path is None:
             return
-        engine_state, extra = load_checkpoint(path)
-        self.engine.load_state_dict(engine_state)
-        self.loader.load_state_dict(extra["loader"])
-        torch.set_rng_state(extra["torch_rng"])
-        keys, position, has_gauss, cached = extra["numpy_rng"]
-        np.random.set_state(("MT19937", keys.numpy().astype(np.uint32), position, has_gauss, cached))
-        random.setstate(extra["python_rng"])
-        self.step = int(extra["step"])
+        state = load_checkpoint(path, self.engine, self.world)
+        self.loader.load_state_dict(state["loader"])
+        self.step = int(state["step"])
         logger.info("resumed from %s at step %d", path, self.step)
 
     # -- the loop -------------------------------------------------------------------------------
     def iteration(self) -> dict[str, float]:
         start = time.perf_counter()
-        batch = self.loader.next_batch()
+        batch = self.next_batch()
         data_time = time.perf_counter()
         rollouts = self.rollout(batch)
         rollout_time = time.perf_counter()
         metrics = self.optimize(batch, rollouts)
         end = time.perf_counter()
         self.step += 1
-        num_samples = len(rollouts.prompts)
+        num_samples = len(rollouts.prompts) * self.world.world_size
         metrics.update(
             step=self.step, policy_version=self.step, reward_mean=rollouts.total_reward.mean().item(),
             reward_std=rollouts.total_reward.std().item(),
@@ -177,18 +184,20 @@ class Trainer:
             time_train=end - rollout_time, time_step=end - start,
             samples_per_s=num_samples / (end - start), anchor_samples_skipped=self.loader.skipped,
             **{f"reward_{name}_mean": value.mean().item() for name, value in rollouts.rewards.items()})
-        return metrics
+        return reduce_metrics(metrics, self.world)
 
     def train(self) -> None:
         """Run optimizer steps until train.steps (resuming first if a checkpoint exists), then save."""
-        config = self.config
-        save_config(config, self.run_dir)
-        writer = MetricsWriter(self.run_dir / "metrics.jsonl", resume_step=self.step)
+        config, main = self.config, self.world.is_main
+        if main:
+            save_config(config, self.run_dir)
+        writer = MetricsWriter(self.run_dir / "metrics.jsonl", resume_step=self.step) if main else None
         progress = tqdm(total=config.train.steps, initial=self.step, desc="ddrl",
-                        disable=not config.train.progress)
+                        disable=not (config.train.progress and main))
         while self.step < config.train.steps:
             metrics = self.iteration()
-            if self.step % config.train.log_every == 0 or self.step == config.train.steps:
+            logged = self.step % config.train.log_every == 0 or self.step == config.train.steps
+            if writer is not None and logged:
                 writer.write(metrics)
             progress.update(1)
             progress.set_postfix(reward=f"{metrics['reward_mean']:.3f}",
@@ -196,5 +205,6 @@ class Trainer:
             if config.train.save_every and self.step % config.train.save_every == 0:
                 self.save()
         progress.close()
-        writer.close()
+        if writer is not None:
+            writer.close()
         self.save()

@@ -1,0 +1,90 @@
+"""The torch.distributed world of a job: started by torchrun (or srun + torchrun), or one process.
+
+Backend and device follow the hardware (nccl + cuda:LOCAL_RANK on GPUs, gloo + cpu otherwise);
+every collective carries the configured timeout, and a failed or timed-out collective is re-raised
+with the rank and the operation named, so a multi-node hang ends with a message, not silence.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TypeVar
+
+import torch
+import torch.distributed as dist
+
+logger = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class World:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def init_world(device_request: str = "auto", timeout_s: float = 600.0) -> World:
+    """Join the torchrun world (RANK / WORLD_SIZE / LOCAL_RANK in the environment), or be alone."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    use_cuda = device_request == "cuda" or (device_request == "auto" and torch.cuda.is_available())
+    if use_cuda and not torch.cuda.is_available():
+        raise RuntimeError("run.device=cuda but torch sees no CUDA device; use run.device=cpu or auto")
+    device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
+    if use_cuda:
+        torch.cuda.set_device(device)
+    if world_size > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo",
+                                timeout=datetime.timedelta(seconds=timeout_s))
+        logger.info("joined a world of %d ranks (%s)", world_size, dist.get_backend())
+    return World(rank, world_size, local_rank, device)
+
+
+def collective(operation: str, function: Callable[[], T]) -> T:
+    """Run a collective; a failure (timeout, dead peer) becomes an error naming rank and operation."""
+    try:
+        return function()
+    except (RuntimeError, dist.DistBackendError) as error:
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        raise RuntimeError(f"rank {rank}: collective '{operation}' failed (a peer rank died, hung "
+                           f"or timed out; see parallel.timeout_s): {error}") from error
+
+
+def reduce_metrics(metrics: dict[str, float], world: World) -> dict[str, float]:
+    """Mean over ranks of every metric; keys ending in '_max' or '_max_dev' take the max."""
+    if not world.distributed:
+        return metrics
+    keys = sorted(metrics)
+    values = torch.tensor([float(metrics[key]) for key in keys], dtype=torch.float64)
+    maxima = values.clone()
+    collective("all_reduce(metrics)", lambda: dist.all_reduce(values, op=dist.ReduceOp.SUM))
+    collective("all_reduce(metrics max)", lambda: dist.all_reduce(maxima, op=dist.ReduceOp.MAX))
+    out = {}
+    for index, key in enumerate(keys):
+        is_max = key.endswith("_max") or key.endswith("_max_dev")
+        out[key] = (maxima[index] if is_max else values[index] / world.world_size).item()
+    return out
+
+
+def barrier(world: World, operation: str = "barrier") -> None:
+    if world.distributed:
+        collective(operation, dist.barrier)
+
+
+def shutdown() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
