@@ -45,6 +45,13 @@ def cmd_data_demo(args: argparse.Namespace) -> None:
           f"{config.data.generated_dir}")
 
 
+def cmd_ckpt_export(args: argparse.Namespace) -> None:
+    from ddrl_scale.train.export import export_checkpoint
+
+    path = export_checkpoint(args.checkpoint, args.out, ema=args.ema, dtype=args.dtype)
+    print(f"exported {'EMA ' if args.ema else ''}weights to {path}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ddrl", description="DDRL post-training of video DiTs")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -70,6 +77,15 @@ def build_parser() -> argparse.ArgumentParser:
     demo_data.add_argument("overrides", nargs="*", help=overrides_help)
     demo_data.add_argument("--config", default=None, help="optional YAML config file")
     demo_data.set_defaults(handler=cmd_data_demo)
+
+    ckpt = commands.add_parser("ckpt", help="checkpoint tools")
+    ckpt_commands = ckpt.add_subparsers(dest="ckpt_command", required=True)
+    export = ckpt_commands.add_parser("export", help="consolidate a checkpoint into one safetensors file")
+    export.add_argument("checkpoint", help="checkpoint folder, or a run folder (its latest checkpoint)")
+    export.add_argument("--out", required=True, help="output .safetensors file")
+    export.add_argument("--ema", action="store_true", help="export the EMA weights")
+    export.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
+    export.set_defaults(handler=cmd_ckpt_export)
     return parser
 
 

@@ -7,6 +7,7 @@ loop (`train`) is short; each stage is a method or a pure function of algo/, rol
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import time
 from pathlib import Path
@@ -150,8 +151,9 @@ class Trainer:
 
     # -- checkpoints ----------------------------------------------------------------------------
     def save(self) -> Path:
-        return save_checkpoint(self.run_dir, self.step, self.engine,
-                               {"loader": self.loader.state_dict()}, self.world,
+        trainer_state = {"loader": self.loader.state_dict(),
+                         "dit_config": json.dumps(self.engine.model.config.to_dict())}
+        return save_checkpoint(self.run_dir, self.step, self.engine, trainer_state, self.world,
                                self.config.train.keep_last)
 
     def maybe_resume(self) -> None:
