@@ -202,6 +202,7 @@ class PretrainSection:
 class ParallelSection:
     engine: str = "none"  # none (one process) | fsdp2
     dp_replicate: int = 1  # HSDP: replicas of the FSDP shard group (1 = plain FSDP)
+    cp: int = 1  # context parallel: ranks sharing one sample's video tokens (Ulysses)
     activation_checkpointing: bool = False
     compile_blocks: bool = False  # torch.compile each DiT block
     timeout_s: float = 600.0  # every collective; a hang ends with an error naming rank and operation
@@ -209,6 +210,9 @@ class ParallelSection:
     def __post_init__(self) -> None:
         _check(self.engine in ("none", "fsdp2"), "parallel.engine", "none|fsdp2", self.engine)
         _check(self.dp_replicate >= 1, "parallel.dp_replicate", ">= 1", self.dp_replicate)
+        _check(self.cp >= 1, "parallel.cp", ">= 1", self.cp)
+        _check(self.cp == 1 or self.engine == "fsdp2", "parallel.cp",
+               "1 unless parallel.engine=fsdp2", self.cp)
         _check(self.timeout_s > 0, "parallel.timeout_s", "> 0", self.timeout_s)
 
 

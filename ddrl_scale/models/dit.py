@@ -97,10 +97,15 @@ class MultiHeadAttention(nn.Module):
         query = self.query_norm(self._heads(self.query(x)))
         key = self.key_norm(self._heads(self.key(source)))
         value = self._heads(self.value(source))
+        out = self.core_attention(query, key, value, rope)
+        return self.out(out.transpose(1, 2).reshape(x.shape))
+
+    def core_attention(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                       rope: torch.Tensor | None) -> torch.Tensor:
+        """Rotary + attention over (B, heads, N, head_dim); context parallel replaces this method."""
         if rope is not None:
             query, key = apply_rope(query, rope), apply_rope(key, rope)
-        out = attention(query, key, value, self.backend)
-        return self.out(out.transpose(1, 2).reshape(x.shape))
+        return attention(query, key, value, self.backend)
 
 
 class DiTBlock(nn.Module):

@@ -1,5 +1,6 @@
-"""Parallelism applied to a plain VideoDiT from outside: activation checkpointing, per-block
-compile, FSDP2 (per block, then the root) over a 1-D (FSDP) or 2-D (HSDP) device mesh.
+"""Parallelism applied to a plain VideoDiT from outside: context parallel over the tokens,
+activation checkpointing, per-block compile, FSDP2 (per block, then the root) over a 1-D (FSDP,
+all ranks: data and context parallel ranks alike) or 2-D (HSDP) device mesh.
 
 Parameter names stay those of the plain model (no wrapper prefixes), so checkpoints move freely
 between engines and world sizes.
@@ -17,6 +18,7 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.utils.checkpoint import checkpoint
 
 from ddrl_scale.config.schema import ParallelSection
+from ddrl_scale.parallel.context_parallel import apply_context_parallel
 from ddrl_scale.parallel.distributed import World
 
 logger = logging.getLogger(__name__)
@@ -64,12 +66,21 @@ def apply_fsdp(model: nn.Module, mesh: DeviceMesh, param_dtype: torch.dtype | No
 
 def parallelize_video_dit(model: nn.Module, parallel: ParallelSection, world: World,
                           param_dtype: torch.dtype | None) -> nn.Module:
+    if parallel.cp > 1:
+        if parallel.dp_replicate > 1:
+            raise ValueError("parallel.cp > 1 with parallel.dp_replicate > 1 is not supported yet")
+        if world.world_size % parallel.cp:
+            raise ValueError(f"parallel.cp={parallel.cp} does not divide the world size "
+                             f"{world.world_size}")
+        mesh = init_device_mesh(world.device.type, (world.world_size // parallel.cp, parallel.cp),
+                                mesh_dim_names=("dp", "cp"))
+        apply_context_parallel(model, mesh["cp"].get_group())
     if parallel.activation_checkpointing:
         apply_activation_checkpointing(model)
     if parallel.compile_blocks:
         apply_compile(model)
     apply_fsdp(model, data_parallel_mesh(world, parallel.dp_replicate), param_dtype)
-    logger.info("FSDP2 over %d ranks (replicate %d), activation checkpointing %s, compile %s",
-                world.world_size, parallel.dp_replicate, parallel.activation_checkpointing,
-                parallel.compile_blocks)
+    logger.info("FSDP2 over %d ranks (replicate %d, context parallel %d), activation "
+                "checkpointing %s, compile %s", world.world_size, parallel.dp_replicate, parallel.cp,
+                parallel.activation_checkpointing, parallel.compile_blocks)
     return model

@@ -36,12 +36,15 @@ from ddrl_scale.train.metrics import MetricsWriter
 logger = logging.getLogger(__name__)
 
 
-def local_slice(total: int, world: World, what: str) -> slice:
-    """This rank's contiguous share of `total` items (total must divide evenly)."""
-    if total % world.world_size:
-        raise ValueError(f"{what}={total} must be a multiple of the {world.world_size} ranks")
-    share = total // world.world_size
-    return slice(world.rank * share, (world.rank + 1) * share)
+def local_slice(total: int, world: World, context_parallel: int, what: str) -> slice:
+    """This rank's contiguous share of `total` items; the ranks of a context-parallel group
+    (consecutive ranks) share the same items. total must divide by the data-parallel size."""
+    data_parallel = world.world_size // context_parallel
+    if total % data_parallel:
+        raise ValueError(f"{what}={total} must be a multiple of the {data_parallel} data-parallel "
+                         f"ranks ({world.world_size} ranks / parallel.cp={context_parallel})")
+    share, dp_rank = total // data_parallel, world.rank // context_parallel
+    return slice(dp_rank * share, (dp_rank + 1) * share)
 
 
 class Trainer:
@@ -52,7 +55,8 @@ class Trainer:
         self.world = world or init_world(config.run.device, config.parallel.timeout_s)
         self.device = self.world.device
         # every rank reads the step's global prompt batch and keeps its own contiguous share
-        self.prompt_slice = local_slice(config.algo.prompts_per_step, self.world, "algo.prompts_per_step")
+        self.prompt_slice = local_slice(config.algo.prompts_per_step, self.world, config.parallel.cp,
+                                        "algo.prompts_per_step")
         self.text_encoder, self.vae = build_text_encoder(config), PixelVAE()
         self.rewards = WeightedRewards([(r.name, r.weight, dict(r.args)) for r in config.rewards])
         self.loss_fn = algo.get("loss", config.algo.name)
@@ -177,7 +181,7 @@ class Trainer:
         metrics = self.optimize(batch, rollouts)
         end = time.perf_counter()
         self.step += 1
-        num_samples = len(rollouts.prompts) * self.world.world_size
+        num_samples = len(rollouts.prompts) * self.world.world_size // self.config.parallel.cp
         metrics.update(
             step=self.step, policy_version=self.step, reward_mean=rollouts.total_reward.mean().item(),
             reward_std=rollouts.total_reward.std().item(),
