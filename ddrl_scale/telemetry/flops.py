@@ -1,0 +1,48 @@
+"""Model FLOPs of one DDRL iteration and a measured matmul peak, the two halves of MFU.
+
+MFU = model FLOPs per second / peak FLOPs per second. Model FLOPs count the matmuls of the DiT
+(`models.dit.flops_per_sample`); recomputation (activation checkpointing) is not counted, as is the
+convention. The peak is measured on the same machine with a large square matmul.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from ddrl_scale.config.schema import RunConfig
+from ddrl_scale.models import dit_config_from, flops_per_sample
+
+
+def ddrl_iteration_flops(config: RunConfig) -> dict[str, float]:
+    """Global model FLOPs of one iteration, by phase: rollout, policy training, data term."""
+    forward = flops_per_sample(dit_config_from(config), training=False)
+    settings, steps = config.algo, config.sampler.num_steps
+    samples = settings.prompts_per_step * settings.group_size
+    trained = len(range(settings.train_timestep_offset, steps, settings.train_timestep_stride))
+    data_terms = 0 if settings.data_beta == 0 else (1 if settings.data_on_first_only else trained)
+    reference = trained * samples * forward if settings.kl_beta > 0 else 0.0
+    return {
+        "rollout": samples * steps * forward,
+        "policy": trained * samples * 3.0 * forward + reference,
+        "data": data_terms * settings.prompts_per_step * 3.0 * forward,
+    }
+
+
+def measure_matmul_peak(dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
+                        size: int = 2048, repeats: int = 5) -> float:
+    """Best-of-`repeats` FLOP/s of a size x size matmul on `device` (the MFU denominator)."""
+    a = torch.randn(size, size, dtype=dtype, device=device)
+    b = torch.randn(size, size, dtype=dtype, device=device)
+    torch.matmul(a, b)  # warm-up
+    best = float("inf")
+    for _ in range(repeats):
+        if torch.cuda.is_available() and str(device).startswith("cuda"):
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        torch.matmul(a, b)
+        if torch.cuda.is_available() and str(device).startswith("cuda"):
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - start)
+    return 2.0 * size**3 / best
