@@ -200,15 +200,20 @@ class PretrainSection:
 
 @dataclass
 class ParallelSection:
-    engine: str = "none"  # none (one process) | fsdp2
+    engine: str = "none"  # none (one process) | fsdp2 | deepspeed
     dp_replicate: int = 1  # HSDP: replicas of the FSDP shard group (1 = plain FSDP)
     cp: int = 1  # context parallel: ranks sharing one sample's video tokens (Ulysses)
     activation_checkpointing: bool = False
     compile_blocks: bool = False  # torch.compile each DiT block
     timeout_s: float = 600.0  # every collective; a hang ends with an error naming rank and operation
+    zero_stage: int = 2  # deepspeed: ZeRO stage 2 or 3
+    offload_optimizer: bool = False  # deepspeed: optimizer state and step on the CPU
+    deepspeed_config: str = ""  # deepspeed: a JSON file merged over the generated config
 
     def __post_init__(self) -> None:
-        _check(self.engine in ("none", "fsdp2"), "parallel.engine", "none|fsdp2", self.engine)
+        _check(self.engine in ("none", "fsdp2", "deepspeed"), "parallel.engine",
+               "none|fsdp2|deepspeed", self.engine)
+        _check(self.zero_stage in (2, 3), "parallel.zero_stage", "2 or 3", self.zero_stage)
         _check(self.dp_replicate >= 1, "parallel.dp_replicate", ">= 1", self.dp_replicate)
         _check(self.cp >= 1, "parallel.cp", ">= 1", self.cp)
         _check(self.cp == 1 or self.engine == "fsdp2", "parallel.cp",

@@ -45,11 +45,13 @@ def available_engines() -> list[str]:
 
 
 def build_engine(model: nn.Module, optim: OptimSection, parallel: ParallelSection, world: World,
-                 dtype: str = "fp32") -> Engine:
+                 dtype: str = "fp32", accumulation_steps: int = 1) -> Engine:
+    """accumulation_steps: backward calls per optimizer step (the trained denoising steps)."""
     if parallel.engine not in _ENGINES:
         raise ValueError(f"parallel.engine: unknown engine '{parallel.engine}'; "
                          f"registered: {available_engines()}")
-    return _ENGINES[parallel.engine](model, optim, parallel, world, dtype)
+    return _ENGINES[parallel.engine](model, optim, parallel, world, dtype,
+                                     accumulation_steps=accumulation_steps)
 
 
 def warmup_constant(warmup_steps: int) -> Callable[[int], float]:
@@ -109,7 +111,8 @@ class TorchEngine(Engine):
     """A torch optimizer over the (possibly sharded) module; `wrap` applies the parallelism."""
 
     def __init__(self, model: nn.Module, optim: OptimSection, parallel: ParallelSection, world: World,
-                 dtype: str = "fp32"):
+                 dtype: str = "fp32", accumulation_steps: int = 1):
+        # gradients accumulate in .grad between step() calls: accumulation_steps needs no bookkeeping
         self.world, self.dtype, self.grad_clip, self.device = world, dtype, optim.grad_clip, world.device
         self.model = self.wrap(model.to(world.device), parallel)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=optim.lr,
@@ -193,8 +196,8 @@ class LocalEngine(TorchEngine):
     """Single process, unsharded: the plain reference every sharded engine is tested against."""
 
     def __init__(self, model: nn.Module, optim: OptimSection, parallel: ParallelSection, world: World,
-                 dtype: str = "fp32"):
+                 dtype: str = "fp32", accumulation_steps: int = 1):
         if world.distributed:
             raise ValueError(f"parallel.engine=none runs in one process, but the world has "
                              f"{world.world_size} ranks; use parallel.engine=fsdp2")
-        super().__init__(model, optim, parallel, world, dtype)
+        super().__init__(model, optim, parallel, world, dtype, accumulation_steps)

@@ -100,6 +100,8 @@ def load_checkpoint(path: str | Path, engine: Engine, world: World) -> dict:
 
 def read_weights(path: str | Path, ema: bool = False) -> dict[str, torch.Tensor]:
     """Full model (or EMA) tensors of a checkpoint, in one process, whatever world size wrote it."""
+    if (Path(path) / "deepspeed").is_dir():
+        return _read_deepspeed_weights(Path(path), ema)
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
@@ -117,3 +119,30 @@ def read_weights(path: str | Path, ema: bool = False) -> dict[str, torch.Tensor]
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
         dcp.load(state, checkpoint_id=str(engine_dir), no_dist=True)
     return {key[len(prefix):]: tensor for key, tensor in state.items()}
+
+
+def _read_deepspeed_weights(path: Path, ema: bool) -> dict[str, torch.Tensor]:
+    """Consolidate a DeepSpeed ZeRO checkpoint (fp32 master weights, or the per-rank EMA files)."""
+    if not ema:
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        from ddrl_scale.parallel.deepspeed_engine import TAG
+
+        return dict(get_fp32_state_dict_from_zero_checkpoint(str(path / "deepspeed"), tag=TAG))
+    files = sorted(path.glob("ema_rank*.pt"), key=lambda f: int(f.stem[len("ema_rank"):]))
+    if not files:
+        raise KeyError(f"checkpoint '{path}' holds no EMA weights")
+    parts = [torch.load(f, map_location="cpu", weights_only=True) for f in files]
+    if not parts[0]["zero3"]:
+        return parts[0]["tensors"]  # ZeRO-2: every rank holds the whole EMA
+    if len(parts) != parts[0]["world_size"]:
+        raise FileNotFoundError(f"checkpoint '{path}': {len(parts)} EMA partitions of "
+                                f"{parts[0]['world_size']}")
+    out = {}
+    for name, shape in parts[0]["shapes"].items():
+        flat = torch.cat([part["tensors"][name].reshape(-1) for part in parts])
+        numel = 1
+        for size in shape:
+            numel *= size
+        out[name] = flat[:numel].view(shape).clone()
+    return out

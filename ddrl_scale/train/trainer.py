@@ -64,7 +64,8 @@ class Trainer:
         # Flow-GRPO's reverse KL needs the frozen starting policy; DDRL (kl_beta = 0) does not
         self.reference = copy.deepcopy(model).requires_grad_(False).to(self.device) \
             if config.algo.kl_beta > 0 else None
-        self.engine = build_engine(model, config.optim, config.parallel, self.world, config.run.dtype)
+        self.engine = build_engine(model, config.optim, config.parallel, self.world, config.run.dtype,
+                                   accumulation_steps=len(self.trained_steps()))
         self.loader = AnchorLoader(demo_shards(config), config.algo.prompts_per_step,
                                    config.run.seed, config.data.shuffle_buffer, self.vae.encode)
         self.sigmas = sigma_schedule(config.sampler.num_steps, config.sampler.shift)
