@@ -3,7 +3,8 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 # CPU pins measured on the development machines (shared docs ENVIRONMENT.md): torch is pinned
-# exactly, because an unpinned torch pulls a multi-GB CUDA build.
+# exactly, because an unpinned torch pulls a multi-GB CUDA build. DeepSpeed installs without CUDA
+# (DS_BUILD_OPS=0) and builds its C++ ops on first use, cached in TORCH_EXTENSIONS_DIR.
 PINS := torch==2.13.0 omegaconf==2.4.0 webdataset==1.0.2
 
 .PHONY: setup demo test test-all lint clean
@@ -14,7 +15,7 @@ $(BIN)/ddrl: setup.py
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet $(PINS)
-	$(BIN)/pip install --quiet -e '.[dev]'
+	DS_BUILD_OPS=0 $(BIN)/pip install --quiet -e '.[dev,deepspeed]'
 	touch $@
 
 demo: setup

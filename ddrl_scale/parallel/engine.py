@@ -22,7 +22,7 @@ from torch import nn
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 from torch.distributed.tensor import DTensor
 
-from ddrl_scale.config.schema import OptimSection, ParallelSection
+from ddrl_scale.config.schema import ConfigError, OptimSection, ParallelSection
 from ddrl_scale.parallel.distributed import World, collective
 from ddrl_scale.runtime import autocast
 from ddrl_scale.train.ema import EMA
@@ -198,6 +198,6 @@ class LocalEngine(TorchEngine):
     def __init__(self, model: nn.Module, optim: OptimSection, parallel: ParallelSection, world: World,
                  dtype: str = "fp32", accumulation_steps: int = 1):
         if world.distributed:
-            raise ValueError(f"parallel.engine=none runs in one process, but the world has "
+            raise ConfigError(f"parallel.engine=none runs in one process, but the world has "
                              f"{world.world_size} ranks; use parallel.engine=fsdp2")
         super().__init__(model, optim, parallel, world, dtype, accumulation_steps)

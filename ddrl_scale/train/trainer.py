@@ -20,11 +20,11 @@ from ddrl_scale.algo.losses import flow_matching_loss, reverse_kl
 from ddrl_scale.algo.noise import DATA_NOISE, DATA_SIGMA, keyed_normal
 from ddrl_scale.algo.samplers import sde_step
 from ddrl_scale.algo.schedules import add_noise, sigma_schedule
-from ddrl_scale.config import RunConfig, save_config
+from ddrl_scale.config import ConfigError, RunConfig, save_config
 from ddrl_scale.data.anchor import AnchorBatch, AnchorLoader
 from ddrl_scale.models import PixelVAE, build_model, build_text_encoder
 from ddrl_scale.parallel import World, build_engine, init_world
-from ddrl_scale.parallel.distributed import reduce_metrics
+from ddrl_scale.parallel.distributed import barrier, reduce_metrics
 from ddrl_scale.rewards import WeightedRewards
 from ddrl_scale.rollout import RolloutBatch, generate_rollouts
 from ddrl_scale.runtime import seed_everything
@@ -41,7 +41,7 @@ def local_slice(total: int, world: World, context_parallel: int, what: str) -> s
     (consecutive ranks) share the same items. total must divide by the data-parallel size."""
     data_parallel = world.world_size // context_parallel
     if total % data_parallel:
-        raise ValueError(f"{what}={total} must be a multiple of the {data_parallel} data-parallel "
+        raise ConfigError(f"{what}={total} must be a multiple of the {data_parallel} data-parallel "
                          f"ranks ({world.world_size} ranks / parallel.cp={context_parallel})")
     share, dp_rank = total // data_parallel, world.rank // context_parallel
     return slice(dp_rank * share, (dp_rank + 1) * share)
@@ -66,6 +66,9 @@ class Trainer:
             if config.algo.kl_beta > 0 else None
         self.engine = build_engine(model, config.optim, config.parallel, self.world, config.run.dtype,
                                    accumulation_steps=len(self.trained_steps()))
+        if self.world.is_main:  # rank 0 writes the demo shards (once); the others then find them
+            demo_shards(config)
+        barrier(self.world, "anchor shards ready")
         self.loader = AnchorLoader(demo_shards(config), config.algo.prompts_per_step,
                                    config.run.seed, config.data.shuffle_buffer, self.vae.encode)
         self.sigmas = sigma_schedule(config.sampler.num_steps, config.sampler.shift)
@@ -183,15 +186,21 @@ class Trainer:
         end = time.perf_counter()
         self.step += 1
         num_samples = len(rollouts.prompts) * self.world.world_size // self.config.parallel.cp
+        rewards = rollouts.total_reward
         metrics.update(
-            step=self.step, policy_version=self.step, reward_mean=rollouts.total_reward.mean().item(),
-            reward_std=rollouts.total_reward.std().item(),
+            reward_mean=rewards.mean().item(), reward_square_mean=rewards.square().mean().item(),
             advantage_abs_mean=rollouts.advantages.abs().mean().item(), lr=self.engine.lr,
             time_data=data_time - start, time_rollout=rollout_time - data_time,
             time_train=end - rollout_time, time_step=end - start,
-            samples_per_s=num_samples / (end - start), anchor_samples_skipped=self.loader.skipped,
+            samples_per_s=num_samples / (end - start),
             **{f"reward_{name}_mean": value.mean().item() for name, value in rollouts.rewards.items()})
-        return reduce_metrics(metrics, self.world)
+        # means over ranks are global means (equal shares); the std is rebuilt from E[r^2] - E[r]^2
+        metrics = reduce_metrics(metrics, self.world)
+        variance = max(0.0, metrics.pop("reward_square_mean") - metrics["reward_mean"] ** 2)
+        metrics["reward_std"] = (variance * num_samples / max(1, num_samples - 1)) ** 0.5
+        # counters are the same on every rank and stay integers
+        return {"step": self.step, "policy_version": self.step,
+                "anchor_samples_skipped": self.loader.skipped, **metrics}
 
     def train(self) -> None:
         """Run optimizer steps until train.steps (resuming first if a checkpoint exists), then save."""
@@ -214,4 +223,5 @@ class Trainer:
         progress.close()
         if writer is not None:
             writer.close()
-        self.save()
+        if latest_checkpoint(self.run_dir) != self.run_dir / "checkpoints" / f"step_{self.step:06d}":
+            self.save()
