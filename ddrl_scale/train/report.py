@@ -22,14 +22,27 @@ def plot_curves(metrics_path: str | Path, out_path: str | Path) -> Path:
     records = read_metrics(metrics_path)
     steps = [r["step"] for r in records]
     figure, (reward_axis, data_axis) = plt.subplots(1, 2, figsize=(10, 3.5))
-    reward_axis.plot(steps, [r["reward_mean"] for r in records], label="total (weighted)")
-    for key in sorted(k for k in records[0] if k.startswith("reward_") and k.endswith("_mean")
-                      and k != "reward_mean") if records else []:
-        reward_axis.plot(steps, [r[key] for r in records], label=key[7:-5], alpha=0.7)
-    reward_axis.set(xlabel="step", ylabel="rollout reward (mean)", title="reward")
+
+    def curve(axis, key: str, label: str, color: str) -> None:
+        # the raw per-step values, faint, and their moving average over 5 steps
+        values = [r[key] for r in records]
+        smooth = [sum(values[max(0, i - 4): i + 1]) / len(values[max(0, i - 4): i + 1])
+                  for i in range(len(values))]
+        axis.plot(steps, values, color=color, alpha=0.25, linewidth=1)
+        axis.plot(steps, smooth, color=color, label=label, linewidth=2)
+
+    reward_keys = sorted(k for k in (records[0] if records else {})
+                         if k.startswith("reward_") and k.endswith("_mean") and k != "reward_mean")
+    colors = iter(["tab:orange", "tab:green", "tab:purple", "tab:brown", "tab:pink"])
+    if records:
+        curve(reward_axis, "reward_mean", "total (weighted)", "tab:blue")
+        for key in reward_keys:
+            curve(reward_axis, key, key[7:-5], next(colors, "tab:gray"))
+    reward_axis.set(xlabel="step", ylabel="rollout reward (mean; line: 5-step average)",
+                    title="reward")
     reward_axis.legend(fontsize=8)
     if records and "data_loss" in records[0]:
-        data_axis.plot(steps, [r["data_loss"] for r in records], color="tab:red")
+        curve(data_axis, "data_loss", "data loss", "tab:red")
     data_axis.set(xlabel="step", ylabel="flow-matching loss on anchor data", title="data loss")
     figure.tight_layout()
     figure.savefig(out_path, dpi=100)
