@@ -1,6 +1,6 @@
 """DDRL train-step throughput per engine: samples/s and MFU against the measured matmul peak.
 
-    python benchmarks/bench_step.py [--engines none,fsdp2,fsdp2-cp2] [--model demo|small]
+    python benchmarks/bench_step.py [--engines none,fsdp2,...] [--model demo|small]
                                     [--steps 6] [--warmup 2] [--dtype fp32|bf16]
 
 Each engine runs in its own torchrun job on this machine (the cores split evenly between its ranks),
@@ -32,6 +32,8 @@ ENGINES = {  # name -> (ranks, overrides)
     "none": (1, ["parallel.engine=none"]),
     "fsdp2": (2, ["parallel.engine=fsdp2"]),
     "fsdp2-cp2": (2, ["parallel.engine=fsdp2", "parallel.cp=2"]),
+    "deepspeed-zero2": (2, ["parallel.engine=deepspeed", "parallel.zero_stage=2"]),
+    "deepspeed-zero3": (2, ["parallel.engine=deepspeed", "parallel.zero_stage=3"]),
 }
 MODELS = {  # the demo DiT, and a wider one on larger videos
     "demo": ["model.init_checkpoint=none"],
@@ -114,7 +116,7 @@ def report(rows: list[dict], peak: float, args: argparse.Namespace, machine: str
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    parser.add_argument("--engines", default="none,fsdp2,fsdp2-cp2")
+    parser.add_argument("--engines", default="none,fsdp2,fsdp2-cp2,deepspeed-zero2,deepspeed-zero3")
     parser.add_argument("--model", default="demo", choices=sorted(MODELS))
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--warmup", type=int, default=2)
