@@ -1,6 +1,6 @@
-"""Multi-process tests on CPU (gloo): 2-rank FSDP2, HSDP, FSDP2 + context parallel and DeepSpeed
-ZeRO-2/3 runs under torchrun against the single-process engine, kill-and-resume, checkpoint
-resharding between world sizes, launch errors and collective timeouts.
+"""Multi-process tests on CPU (gloo): 2-rank FSDP2, HSDP, FSDP2 + context parallel, DeepSpeed
+ZeRO-2/3 and Megatron-core TP=2 runs under torchrun against the single-process engine,
+kill-and-resume, checkpoint resharding between world sizes, launch errors and collective timeouts.
 
 Every run is a real `python -m ddrl_scale.cli demo ...` process (under torchrun for 2 ranks) on the
 tiny config of conftest.py. One single-process reference run and one uninterrupted 2-rank FSDP2 run
@@ -232,6 +232,7 @@ ENGINE_VARIANTS = {
     "fsdp2-cp2": [*FSDP2, "parallel.cp=2"],  # both ranks hold the same samples, half the tokens each
     "deepspeed-zero2": ["parallel.engine=deepspeed", "parallel.zero_stage=2"],
     "deepspeed-zero3": ["parallel.engine=deepspeed", "parallel.zero_stage=3"],
+    "megatron-tp2": ["parallel.engine=megatron", "parallel.tp=2"],  # tensor parallel 2 x data 1
 }
 deepspeed_missing = pytest.mark.skipif(
     importlib.util.find_spec("deepspeed") is None,
@@ -241,7 +242,10 @@ deepspeed_missing = pytest.mark.skipif(
 @pytest.mark.parametrize("variant", [
     "hsdp", "fsdp2-cp2",
     pytest.param("deepspeed-zero2", marks=deepspeed_missing),
-    pytest.param("deepspeed-zero3", marks=deepspeed_missing)])
+    pytest.param("deepspeed-zero3", marks=deepspeed_missing),
+    pytest.param("megatron-tp2", marks=pytest.mark.skipif(
+        importlib.util.find_spec("megatron") is None,
+        reason="megatron-core is not installed (pip install -e .[megatron])"))])
 def test_engine_matches_single_process(base: list[str], runs: Path, reference: Path, variant: str):
     """Each 2-rank engine variant == the single-process losses and weights over 3 steps (fp32 tol)."""
     run_dir = runs / variant

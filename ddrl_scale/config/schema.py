@@ -200,9 +200,10 @@ class PretrainSection:
 
 @dataclass
 class ParallelSection:
-    engine: str = "none"  # none (one process) | fsdp2 | deepspeed
+    engine: str = "none"  # none (one process) | fsdp2 | deepspeed | megatron
     dp_replicate: int = 1  # HSDP: replicas of the FSDP shard group (1 = plain FSDP)
     cp: int = 1  # context parallel: ranks sharing one sample's video tokens (Ulysses)
+    tp: int = 1  # megatron: tensor-parallel ranks (attention heads and MLP split)
     activation_checkpointing: bool = False
     compile_blocks: bool = False  # torch.compile each DiT block
     timeout_s: float = 600.0  # every collective; a hang ends with an error naming rank and operation
@@ -211,8 +212,11 @@ class ParallelSection:
     deepspeed_config: str = ""  # deepspeed: a JSON file merged over the generated config
 
     def __post_init__(self) -> None:
-        _check(self.engine in ("none", "fsdp2", "deepspeed"), "parallel.engine",
-               "none|fsdp2|deepspeed", self.engine)
+        _check(self.engine in ("none", "fsdp2", "deepspeed", "megatron"), "parallel.engine",
+               "none|fsdp2|deepspeed|megatron", self.engine)
+        _check(self.tp >= 1, "parallel.tp", ">= 1", self.tp)
+        _check(self.tp == 1 or self.engine == "megatron", "parallel.tp",
+               "1 unless parallel.engine=megatron", self.tp)
         _check(self.zero_stage in (2, 3), "parallel.zero_stage", "2 or 3", self.zero_stage)
         _check(self.dp_replicate >= 1, "parallel.dp_replicate", ">= 1", self.dp_replicate)
         _check(self.cp >= 1, "parallel.cp", ">= 1", self.cp)

@@ -98,7 +98,8 @@ class MultiHeadAttention(nn.Module):
         key = self.key_norm(self._heads(self.key(source)))
         value = self._heads(self.value(source))
         out = self.core_attention(query, key, value, rope)
-        return self.out(out.transpose(1, 2).reshape(x.shape))
+        # (B, heads, N, head_dim) -> (B, N, heads * head_dim); heads may be a tensor-parallel share
+        return self.out(out.transpose(1, 2).reshape(*x.shape[:-1], -1))
 
     def core_attention(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                        rope: torch.Tensor | None) -> torch.Tensor:

@@ -102,6 +102,10 @@ def read_weights(path: str | Path, ema: bool = False) -> dict[str, torch.Tensor]
     """Full model (or EMA) tensors of a checkpoint, in one process, whatever world size wrote it."""
     if (Path(path) / "deepspeed").is_dir():
         return _read_deepspeed_weights(Path(path), ema)
+    if (Path(path) / "megatron").is_dir():
+        from ddrl_scale.parallel.megatron_engine import read_megatron_weights
+
+        return read_megatron_weights(Path(path), ema)
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 

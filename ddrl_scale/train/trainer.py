@@ -36,14 +36,15 @@ from ddrl_scale.train.metrics import MetricsWriter
 logger = logging.getLogger(__name__)
 
 
-def local_slice(total: int, world: World, context_parallel: int, what: str) -> slice:
-    """This rank's contiguous share of `total` items; the ranks of a context-parallel group
-    (consecutive ranks) share the same items. total must divide by the data-parallel size."""
-    data_parallel = world.world_size // context_parallel
+def local_slice(total: int, world: World, model_parallel: int, what: str) -> slice:
+    """This rank's contiguous share of `total` items. The ranks of one model-parallel group
+    (context- or tensor-parallel; consecutive ranks) share the same items, so total must divide by
+    the data-parallel size, world size / model_parallel."""
+    data_parallel = world.world_size // model_parallel
     if total % data_parallel:
         raise ConfigError(f"{what}={total} must be a multiple of the {data_parallel} data-parallel "
-                         f"ranks ({world.world_size} ranks / parallel.cp={context_parallel})")
-    share, dp_rank = total // data_parallel, world.rank // context_parallel
+                          f"ranks ({world.world_size} ranks / {model_parallel} model-parallel)")
+    share, dp_rank = total // data_parallel, world.rank // model_parallel
     return slice(dp_rank * share, (dp_rank + 1) * share)
 
 
@@ -55,7 +56,8 @@ class Trainer:
         self.world = world or init_world(config.run.device, config.parallel.timeout_s)
         self.device = self.world.device
         # every rank reads the step's global prompt batch and keeps its own contiguous share
-        self.prompt_slice = local_slice(config.algo.prompts_per_step, self.world, config.parallel.cp,
+        self.model_parallel = config.parallel.cp * config.parallel.tp
+        self.prompt_slice = local_slice(config.algo.prompts_per_step, self.world, self.model_parallel,
                                         "algo.prompts_per_step")
         self.text_encoder, self.vae = build_text_encoder(config), PixelVAE()
         self.rewards = WeightedRewards([(r.name, r.weight, dict(r.args)) for r in config.rewards])
@@ -185,7 +187,7 @@ class Trainer:
         metrics = self.optimize(batch, rollouts)
         end = time.perf_counter()
         self.step += 1
-        num_samples = len(rollouts.prompts) * self.world.world_size // self.config.parallel.cp
+        num_samples = len(rollouts.prompts) * self.world.world_size // self.model_parallel
         rewards = rollouts.total_reward
         metrics.update(
             reward_mean=rewards.mean().item(), reward_square_mean=rewards.square().mean().item(),
