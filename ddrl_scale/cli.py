@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from ddrl_scale.config import ConfigError, RunConfig, load_config
@@ -29,10 +30,16 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 def cmd_pretrain(args: argparse.Namespace) -> None:
     config = _config(args)
+    from ddrl_scale.parallel.distributed import shutdown
     from ddrl_scale.train.pretrain import pretrain
 
     setup(config.run.num_threads)
-    print(f"base checkpoint: {pretrain(config)}")
+    try:
+        path = pretrain(config)
+    finally:
+        shutdown()
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"base checkpoint: {path}")
 
 
 def cmd_data_demo(args: argparse.Namespace) -> None:

@@ -25,6 +25,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import _TINY
+from safetensors.torch import load_file
 
 from ddrl_scale.config import load_config
 from ddrl_scale.train.anchor_data import demo_shards
@@ -375,3 +376,21 @@ def test_collective_timeout_names_rank_and_operation(tmp_path: Path):
     elapsed = float(re.search(r"elapsed ([\d.]+) s", stderr).group(1))
     assert timeout_s - 0.5 <= elapsed < timeout_s + 30, stderr
     print(f"barrier timeout after {elapsed:.2f} s (timeout_s={timeout_s})")
+
+
+def test_pretrain_fsdp2_matches_single_process(base: list[str], runs: Path):
+    """`ddrl pretrain` on 2 fsdp2 ranks == one process: the saved EMA weights (fp32 tolerance)."""
+    outputs = {}
+    for name, nproc, engine in (("pretrain-none", 1, []), ("pretrain-fsdp2", 2, FSDP2)):
+        out = runs / name / "base.safetensors"
+        command = [sys.executable, "-m", "ddrl_scale.cli", "pretrain", *base, *engine,
+                   "pretrain.steps=3", "pretrain.batch_size=4", f"pretrain.output={out}"]
+        if nproc > 1:
+            command[1:3] = ["-m", "torch.distributed.run", "--standalone", "--nnodes=1",
+                            f"--nproc_per_node={nproc}", "-m", "ddrl_scale.cli"]
+        done = subprocess.run(command, cwd=REPO, env=_env(), capture_output=True, text=True,
+                              timeout=TIMEOUT_S)
+        assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+        outputs[name] = load_file(str(out))
+    torch.testing.assert_close(outputs["pretrain-fsdp2"], outputs["pretrain-none"], rtol=W_RTOL,
+                               atol=W_ATOL)

@@ -153,6 +153,7 @@ class OptimSection:
     betas: list[float] = field(default_factory=lambda: [0.9, 0.99])
     eps: float = 1e-8
     warmup_steps: int = 0
+    decay_steps: int = 0  # > 0: cosine decay of the learning rate to 0 at this step; 0 = constant
     grad_clip: float = 1.0
     ema_decay: float = 0.95  # 0 turns EMA off
 
@@ -161,6 +162,7 @@ class OptimSection:
         _check(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "optim.betas",
                "two floats in [0, 1)", self.betas)
         _check(self.warmup_steps >= 0, "optim.warmup_steps", ">= 0", self.warmup_steps)
+        _check(self.decay_steps >= 0, "optim.decay_steps", ">= 0 (0 = no decay)", self.decay_steps)
         _check(self.grad_clip >= 0, "optim.grad_clip", ">= 0 (0 = off)", self.grad_clip)
         _check(0 <= self.ema_decay < 1, "optim.ema_decay", "in [0, 1)", self.ema_decay)
 
@@ -193,9 +195,16 @@ class PretrainSection:
     """`ddrl pretrain`: the flow-matching run that makes the shipped base checkpoint."""
 
     steps: int = 2000
-    batch_size: int = 32
-    lr: float = 1e-3
+    batch_size: int = 32  # global: split over the data-parallel ranks
+    lr: float = 1e-3  # peak; warm-up over min(200, steps / 10) steps, then cosine decay to 0
+    ema_decay: float = 0.999  # the saved weights are this EMA
+    save_every: int = 0  # checkpoints into <output's folder>/checkpoints; 0 = only at the end
     output: str = "outputs/pretrain/base.safetensors"
+
+    def __post_init__(self) -> None:
+        _check(self.steps >= 1, "pretrain.steps", ">= 1", self.steps)
+        _check(self.batch_size >= 1, "pretrain.batch_size", ">= 1", self.batch_size)
+        _check(0 < self.ema_decay < 1, "pretrain.ema_decay", "in (0, 1)", self.ema_decay)
 
 
 @dataclass

@@ -22,7 +22,7 @@ from torch import nn
 
 from ddrl_scale.config.schema import OptimSection, ParallelSection
 from ddrl_scale.parallel.distributed import World, collective
-from ddrl_scale.parallel.engine import Engine, register_engine, warmup_constant
+from ddrl_scale.parallel.engine import Engine, lr_factor, register_engine
 from ddrl_scale.runtime import autocast
 
 logger = logging.getLogger(__name__)
@@ -98,7 +98,7 @@ class DeepSpeedEngine(Engine):
         self.ds, self.optimizer, _, self.schedule = deepspeed.initialize(
             model=self.model, model_parameters=self.model.parameters(), config=self.config,
             lr_scheduler=lambda optimizer: torch.optim.lr_scheduler.LambdaLR(
-                optimizer, warmup_constant(optim.warmup_steps)),
+                optimizer, lr_factor(optim)),
             dist_init_required=False)
         self.zero3 = parallel.zero_stage == 3
         self.ema_decay = optim.ema_decay

@@ -11,6 +11,7 @@ from __future__ import annotations
 import abc
 import contextlib
 import logging
+import math
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -54,9 +55,17 @@ def build_engine(model: nn.Module, optim: OptimSection, parallel: ParallelSectio
                                      accumulation_steps=accumulation_steps)
 
 
-def warmup_constant(warmup_steps: int) -> Callable[[int], float]:
-    """Learning-rate factor: linear warm-up over warmup_steps, then constant."""
-    return lambda step: min(1.0, (step + 1) / warmup_steps) if warmup_steps else 1.0
+def lr_factor(optim: OptimSection) -> Callable[[int], float]:
+    """Learning-rate factor per step: linear warm-up over optim.warmup_steps, then constant, or a
+    cosine decay to 0 at optim.decay_steps when that is > 0."""
+    warmup, decay = optim.warmup_steps, optim.decay_steps
+
+    def factor(step: int) -> float:
+        rise = min(1.0, (step + 1) / warmup) if warmup else 1.0
+        fall = 0.5 * (1.0 + math.cos(math.pi * min(step, decay) / decay)) if decay else 1.0
+        return rise * fall
+
+    return factor
 
 
 def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
@@ -119,7 +128,7 @@ class TorchEngine(Engine):
                                            betas=tuple(optim.betas), eps=optim.eps,
                                            weight_decay=optim.weight_decay)
         self.schedule = torch.optim.lr_scheduler.LambdaLR(self.optimizer,
-                                                          warmup_constant(optim.warmup_steps))
+                                                          lr_factor(optim))
         self.ema = EMA(self.model, optim.ema_decay) if optim.ema_decay > 0 else None
 
     def wrap(self, model: nn.Module, parallel: ParallelSection) -> nn.Module:
