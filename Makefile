@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 # (DS_BUILD_OPS=0) and builds its C++ ops on first use, cached in TORCH_EXTENSIONS_DIR.
 PINS := torch==2.13.0 omegaconf==2.4.0 webdataset==1.0.2
 
-.PHONY: setup demo test test-all lint clean
+.PHONY: setup demo test test-slow test-all lint clean
 
 setup: $(BIN)/ddrl
 
@@ -23,6 +23,9 @@ demo: setup
 
 test: setup
 	$(BIN)/python -m pytest -q -m "not slow and not slurm"
+
+test-slow: setup
+	$(BIN)/python -m pytest -q -m slow
 
 test-all: setup
 	$(BIN)/python -m pytest -q

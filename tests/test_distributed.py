@@ -234,19 +234,23 @@ ENGINE_VARIANTS = {
     "deepspeed-zero2": ["parallel.engine=deepspeed", "parallel.zero_stage=2"],
     "deepspeed-zero3": ["parallel.engine=deepspeed", "parallel.zero_stage=3"],
     "megatron-tp2": ["parallel.engine=megatron", "parallel.tp=2"],  # tensor parallel 2 x data 1
+    "megatron-dp2": ["parallel.engine=megatron", "parallel.tp=1"],  # data parallel 2
 }
 deepspeed_missing = pytest.mark.skipif(
     importlib.util.find_spec("deepspeed") is None,
     reason="deepspeed is not installed (pip install -e .[deepspeed] with DS_BUILD_OPS=0)")
+
+megatron_missing = pytest.mark.skipif(
+    importlib.util.find_spec("megatron") is None,
+    reason="megatron-core is not installed (pip install -e .[megatron])")
 
 
 @pytest.mark.parametrize("variant", [
     "hsdp", "fsdp2-cp2",
     pytest.param("deepspeed-zero2", marks=deepspeed_missing),
     pytest.param("deepspeed-zero3", marks=deepspeed_missing),
-    pytest.param("megatron-tp2", marks=pytest.mark.skipif(
-        importlib.util.find_spec("megatron") is None,
-        reason="megatron-core is not installed (pip install -e .[megatron])"))])
+    pytest.param("megatron-tp2", marks=megatron_missing),
+    pytest.param("megatron-dp2", marks=megatron_missing)])
 def test_engine_matches_single_process(base: list[str], runs: Path, reference: Path, variant: str):
     """Each 2-rank engine variant == the single-process losses and weights over 3 steps (fp32 tol)."""
     run_dir = runs / variant
