@@ -34,6 +34,7 @@ ENGINES = {  # name -> (ranks, overrides)
     "fsdp2-cp2": (2, ["parallel.engine=fsdp2", "parallel.cp=2"]),
     "deepspeed-zero2": (2, ["parallel.engine=deepspeed", "parallel.zero_stage=2"]),
     "deepspeed-zero3": (2, ["parallel.engine=deepspeed", "parallel.zero_stage=3"]),
+    "megatron-tp2": (2, ["parallel.engine=megatron", "parallel.tp=2"]),
 }
 MODELS = {  # the demo DiT, and a wider one on larger videos
     "demo": ["model.init_checkpoint=none"],
@@ -116,7 +117,7 @@ def report(rows: list[dict], peak: float, args: argparse.Namespace, machine: str
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    parser.add_argument("--engines", default="none,fsdp2,fsdp2-cp2,deepspeed-zero2,deepspeed-zero3")
+    parser.add_argument("--engines", default=",".join(ENGINES))
     parser.add_argument("--model", default="demo", choices=sorted(MODELS))
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--warmup", type=int, default=2)

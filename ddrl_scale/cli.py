@@ -69,21 +69,20 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("overrides", nargs="*", help=overrides_help)
     train.set_defaults(handler=cmd_train)
 
-    demo = commands.add_parser("demo", help="the CPU demo: DDRL on the embedded defaults")
-    demo.add_argument("overrides", nargs="*", help=overrides_help)
-    demo.set_defaults(handler=cmd_train, config=None)
+    def with_overrides(parser: argparse.ArgumentParser, handler, config_option: bool = True) -> None:
+        parser.add_argument("overrides", nargs="*", help=overrides_help)
+        if config_option:
+            parser.add_argument("--config", default=None, help="optional YAML config file")
+        parser.set_defaults(handler=handler, **({} if config_option else {"config": None}))
 
-    pretrain = commands.add_parser("pretrain", help="flow-matching pretraining of the base model")
-    pretrain.add_argument("overrides", nargs="*", help=overrides_help)
-    pretrain.add_argument("--config", default=None, help="optional YAML config file")
-    pretrain.set_defaults(handler=cmd_pretrain)
-
+    with_overrides(commands.add_parser("demo", help="the CPU demo: DDRL on the embedded defaults"),
+                   cmd_train, config_option=False)
+    with_overrides(commands.add_parser("pretrain", help="flow-matching pretraining of the base model"),
+                   cmd_pretrain)
     data = commands.add_parser("data", help="anchor data tools")
     data_commands = data.add_subparsers(dest="data_command", required=True)
-    demo_data = data_commands.add_parser("demo", help="write the procedural demo shards")
-    demo_data.add_argument("overrides", nargs="*", help=overrides_help)
-    demo_data.add_argument("--config", default=None, help="optional YAML config file")
-    demo_data.set_defaults(handler=cmd_data_demo)
+    with_overrides(data_commands.add_parser("demo", help="write the procedural demo shards"),
+                   cmd_data_demo)
 
     ckpt = commands.add_parser("ckpt", help="checkpoint tools")
     ckpt_commands = ckpt.add_subparsers(dest="ckpt_command", required=True)

@@ -167,8 +167,7 @@ class TorchEngine(Engine):
         with _single_process_quiet():
             collective("checkpoint save", lambda: dcp.save(
                 self._state(), checkpoint_id=directory / "engine", no_dist=not dist.is_initialized()))
-        if self.world.is_main:
-            torch.save({"schedule": self.schedule.state_dict()}, directory / "engine_schedule.pt")
+        self.save_schedule(directory)
 
     def load(self, directory: Path) -> None:
         if not (directory / "engine" / ".metadata").is_file():
@@ -183,16 +182,27 @@ class TorchEngine(Engine):
             if "ema" not in state:
                 raise KeyError(f"checkpoint '{directory}' has no EMA but optim.ema_decay > 0")
             self.ema.shadow = state["ema"]
+        self.load_schedule(directory)
+
+    def save_schedule(self, directory: Path) -> None:
+        if self.world.is_main:
+            torch.save({"schedule": self.schedule.state_dict()}, directory / "engine_schedule.pt")
+
+    def load_schedule(self, directory: Path) -> None:
         extra = torch.load(directory / "engine_schedule.pt", map_location="cpu", weights_only=True)
         self.schedule.load_state_dict(extra["schedule"])
+
+    def gather(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
+        """The whole of this rank's part `tensor` of parameter `name` (a collective if sharded)."""
+        return collective(f"all_gather({name})", lambda: full_tensor(tensor))
 
     def full_weights(self, dtype: torch.dtype | None = None, ema: bool = False
                      ) -> Iterator[tuple[str, torch.Tensor]]:
         if ema and self.ema is None:
             raise ValueError("EMA weights requested but optim.ema_decay = 0 (EMA off)")
-        source = self.ema.shadow if ema else dict(self.model.state_dict())
+        source = self.ema.shadow if ema else dict(self.model.named_parameters())
         for name, tensor in source.items():
-            tensor = collective(f"all_gather({name})", lambda t=tensor: full_tensor(t.detach()))
+            tensor = self.gather(name, tensor.detach())
             yield name, tensor.to(dtype) if dtype is not None else tensor
 
     @property

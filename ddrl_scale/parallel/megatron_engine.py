@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -172,8 +171,7 @@ class MegatronEngine(TorchEngine):
                         "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                         "ema": self.ema.state_dict() if self.ema is not None else None},
                        target / f"tp{self.tp_rank}.pt")
-        if self.world.is_main:
-            torch.save({"schedule": self.schedule.state_dict()}, directory / "engine_schedule.pt")
+        self.save_schedule(directory)
 
     def load(self, directory: Path) -> None:
         path = directory / "megatron" / f"tp{self.tp_rank}.pt"
@@ -188,22 +186,16 @@ class MegatronEngine(TorchEngine):
         self.optimizer.load_state_dict(state["optimizer"])
         if self.ema is not None:
             self.ema.load_state_dict(state["ema"])
-        extra = torch.load(directory / "engine_schedule.pt", map_location="cpu", weights_only=True)
-        self.schedule.load_state_dict(extra["schedule"])
+        self.load_schedule(directory)
 
-    def full_weights(self, dtype: torch.dtype | None = None, ema: bool = False
-                     ) -> Iterator[tuple[str, torch.Tensor]]:
-        if ema and self.ema is None:
-            raise ValueError("EMA weights requested but optim.ema_decay = 0 (EMA off)")
-        source = self.ema.shadow if ema else dict(self.model.named_parameters())
-        for name, tensor in source.items():
-            tensor, dim = tensor.detach(), self.split_dims[name]
-            if dim != REPLICATED:
-                pieces = [torch.empty_like(tensor) for _ in range(self.tp_size)]
-                collective(f"all_gather({name}, tp)",
-                           lambda t=tensor, p=pieces: dist.all_gather(p, t.contiguous(), group=self.tp_group))
-                tensor = torch.cat(pieces, dim=dim)
-            yield name, tensor.to(dtype) if dtype is not None else tensor
+    def gather(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
+        dim = self.split_dims[name]
+        if dim == REPLICATED:
+            return tensor
+        pieces = [torch.empty_like(tensor) for _ in range(self.tp_size)]
+        collective(f"all_gather({name}, tp)",
+                   lambda: dist.all_gather(pieces, tensor.contiguous(), group=self.tp_group))
+        return torch.cat(pieces, dim=dim)
 
 
 def read_megatron_weights(path: Path, ema: bool = False) -> dict[str, torch.Tensor]:
