@@ -382,11 +382,19 @@ def test_collective_timeout_names_rank_and_operation(tmp_path: Path):
     print(f"barrier timeout after {elapsed:.2f} s (timeout_s={timeout_s})")
 
 
-def test_pretrain_fsdp2_matches_single_process(base: list[str], runs: Path):
-    """`ddrl pretrain` on 2 fsdp2 ranks == one process: the saved EMA weights (fp32 tolerance)."""
+@pytest.mark.parametrize("variant", [
+    "fsdp2", pytest.param("deepspeed-zero3", marks=deepspeed_missing),
+    pytest.param("megatron-tp2", marks=megatron_missing)])
+def test_pretrain_on_engines_matches_single_process(base: list[str], runs: Path, variant: str):
+    """`ddrl pretrain` on 2 ranks == one process: the EMA weights each engine streams out through
+    full_weights (FSDP2 gathers, ZeRO-3 partitions, TP shards) and saves (fp32 tolerance)."""
     outputs = {}
-    for name, nproc, engine in (("pretrain-none", 1, []), ("pretrain-fsdp2", 2, FSDP2)):
+    engine_overrides = FSDP2 if variant == "fsdp2" else ENGINE_VARIANTS[variant]
+    for name, nproc, engine in (("pretrain-none", 1, []), (f"pretrain-{variant}", 2, engine_overrides)):
         out = runs / name / "base.safetensors"
+        if out.is_file():  # the single-process reference is shared by the variants
+            outputs[name] = load_file(str(out))
+            continue
         command = [sys.executable, "-m", "ddrl_scale.cli", "pretrain", *base, *engine,
                    "pretrain.steps=3", "pretrain.batch_size=4", f"pretrain.output={out}"]
         if nproc > 1:
@@ -396,5 +404,5 @@ def test_pretrain_fsdp2_matches_single_process(base: list[str], runs: Path):
                               timeout=TIMEOUT_S)
         assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
         outputs[name] = load_file(str(out))
-    torch.testing.assert_close(outputs["pretrain-fsdp2"], outputs["pretrain-none"], rtol=W_RTOL,
-                               atol=W_ATOL)
+    torch.testing.assert_close(outputs[f"pretrain-{variant}"], outputs["pretrain-none"],
+                               rtol=W_RTOL, atol=W_ATOL)
