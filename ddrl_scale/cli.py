@@ -59,6 +59,29 @@ def cmd_ckpt_export(args: argparse.Namespace) -> None:
     print(f"exported {'EMA ' if args.ema else ''}weights to {path}")
 
 
+def cmd_experiment_hacking(args: argparse.Namespace) -> None:
+    import datetime
+    from pathlib import Path
+
+    load_config(None, args.overrides)  # bad overrides fail before any work
+    from ddrl_scale.experiments.hacking import Setting, run_experiment
+    from ddrl_scale.experiments.hacking_report import write_report
+
+    setup(0)
+    setting = Setting.quick() if args.quick else Setting()
+    if args.seeds:
+        setting.seeds = args.seeds
+    if args.steps:
+        setting.steps = args.steps
+    stamp = datetime.date.today().isoformat()
+    out = Path(args.out or f"benchmarks/results/{stamp}-hacking{'-quick' if args.quick else ''}")
+    command = " ".join(["ddrl experiment hacking", *(["--quick"] if args.quick else []),
+                        *([f"--seeds {args.seeds}"] if args.seeds else []),
+                        *([f"--steps {args.steps}"] if args.steps else []), *args.overrides])
+    report = write_report(run_experiment(setting, args.overrides, out), out, command)
+    print(f"report: {report}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ddrl", description="DDRL post-training of video DiTs")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -83,6 +106,16 @@ def build_parser() -> argparse.ArgumentParser:
     data_commands = data.add_subparsers(dest="data_command", required=True)
     with_overrides(data_commands.add_parser("demo", help="write the procedural demo shards"),
                    cmd_data_demo)
+
+    experiment = commands.add_parser("experiment", help="experiments that validate the algorithm")
+    experiments = experiment.add_subparsers(dest="experiment", required=True)
+    hacking = experiments.add_parser("hacking", help="DDRL vs Flow-GRPO-style vs reward-only")
+    hacking.add_argument("--quick", action="store_true", help="1 seed, 2 steps (the test mode)")
+    hacking.add_argument("--seeds", type=int, default=0, help="seeds per method (default 3)")
+    hacking.add_argument("--steps", type=int, default=0, help="steps per run (default 40)")
+    hacking.add_argument("--out", default="", help="report folder")
+    hacking.add_argument("overrides", nargs="*", help=overrides_help)
+    hacking.set_defaults(handler=cmd_experiment_hacking)
 
     ckpt = commands.add_parser("ckpt", help="checkpoint tools")
     ckpt_commands = ckpt.add_subparsers(dest="ckpt_command", required=True)

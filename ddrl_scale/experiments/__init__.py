@@ -1,0 +1,1 @@
+"""Experiments that validate the algorithm (not part of the training data flow)."""
