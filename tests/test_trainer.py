@@ -133,3 +133,47 @@ def test_baselines_see_same_first_rollouts(tiny_overrides, tmp_path):
         (first[name],) = read_metrics(trainer.run_dir / "metrics.jsonl")
     rewards = {name: (r["reward_mean"], r["reward_std"], r["policy_loss"]) for name, r in first.items()}
     assert len(set(rewards.values())) == 1, rewards
+
+
+def test_same_noise_per_group_starts_each_group_from_one_noise(tiny_overrides):
+    """algo.same_noise_per_group: the members of a group share their initial noise; groups differ."""
+    trainer = Trainer(load_config(None, [*tiny_overrides, "algo.same_noise_per_group=true"]))
+    rollouts = trainer.rollout(trainer.next_batch())
+    noise = rollouts.trajectory.initial_noise  # (prompts * G, ...), group by group
+    assert torch.equal(noise[0], noise[1]) and torch.equal(noise[2], noise[3])
+    assert not torch.equal(noise[0], noise[2])
+    assert not torch.equal(rollouts.trajectory.final[0], rollouts.trajectory.final[1])  # SDE noise
+
+
+def test_data_term_can_reuse_the_rollout_sigma_and_noise(tiny_overrides):
+    """algo.data_reuse_rollout_noise: the data term is the flow-matching loss at the trained step's
+    sigma and the group's initial noise (checked against a direct computation)."""
+    from ddrl_scale.algo.losses import flow_matching_loss
+    from ddrl_scale.algo.schedules import add_noise
+
+    trainer = Trainer(load_config(None, [*tiny_overrides, "algo.data_reuse_rollout_noise=true"]))
+    batch = trainer.next_batch()
+    rollouts = trainer.rollout(batch)
+    index = trainer.trained_steps()[1]
+    got = trainer.data_loss(batch, rollouts, index)
+    noise = rollouts.trajectory.initial_noise[:: trainer.config.algo.group_size]
+    sigma = torch.full((noise.shape[0],), float(trainer.sigmas[index]))
+    with torch.no_grad():
+        v = trainer.engine.model(add_noise(batch.latents, noise, sigma), sigma,
+                                 trainer.encode_text(batch.captions))
+    torch.testing.assert_close(got.detach(), flow_matching_loss(v, batch.latents, noise))
+
+
+def test_data_on_first_only_computes_the_data_term_once(tiny_overrides, monkeypatch):
+    """algo.data_on_first_only: one data-term forward per iteration instead of one per trained step."""
+    calls = []
+    for flag, expected in (("false", None), ("true", 1)):
+        trainer = Trainer(load_config(None, [*tiny_overrides, f"algo.data_on_first_only={flag}"]))
+        original = trainer.data_loss
+        counted = []
+        monkeypatch.setattr(trainer, "data_loss", lambda *a, c=counted, o=original: c.append(1) or o(*a))
+        trainer.iteration()
+        calls.append(len(counted))
+        if expected is not None:
+            assert len(counted) == expected
+    assert calls[0] == len(Trainer(load_config(None, tiny_overrides)).trained_steps()) > 1
