@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 # (DS_BUILD_OPS=0) and builds its C++ ops on first use, cached in TORCH_EXTENSIONS_DIR.
 PINS := torch==2.13.0 omegaconf==2.4.0 webdataset==1.0.2
 
-.PHONY: setup demo test test-slow test-all lint clean
+.PHONY: setup demo test test-slow test-slurm test-all lint clean
 
 setup: $(BIN)/ddrl
 
@@ -26,6 +26,10 @@ test: setup
 
 test-slow: setup
 	$(BIN)/python -m pytest -q -m slow
+
+# a real 2-node SLURM on this machine (root; installs Debian's slurm and munge packages)
+test-slurm: setup
+	$(BIN)/python -m pytest -q -m slurm
 
 test-all: setup
 	$(BIN)/python -m pytest -q

@@ -34,9 +34,11 @@ setup(
     python_requires=">=3.10",
     # `kernels/` lives at the top level but is importable only as `ddrl_scale.kernels`:
     # a bare `kernels` package name is taken on PyPI.
-    packages=find_packages(include=["ddrl_scale", "ddrl_scale.*"]) + ["ddrl_scale.kernels"],
-    package_dir={"ddrl_scale.kernels": "kernels"},
-    package_data={"ddrl_scale": ["assets/*.safetensors", "assets/*.json"]},
+    packages=find_packages(include=["ddrl_scale", "ddrl_scale.*"])
+    + ["ddrl_scale.kernels", "ddrl_scale.launchers"],
+    package_dir={"ddrl_scale.kernels": "kernels", "ddrl_scale.launchers": "launchers"},
+    package_data={"ddrl_scale": ["assets/*.safetensors", "assets/*.json"],
+                  "ddrl_scale.launchers": ["slurm/*.tmpl", "slurm/*.sh", "local/*.sh"]},
     install_requires=CORE,
     extras_require=EXTRAS,
     entry_points={"console_scripts": ["ddrl=ddrl_scale.cli:main"]},

@@ -82,6 +82,30 @@ def cmd_experiment_hacking(args: argparse.Namespace) -> None:
     print(f"report: {report}")
 
 
+def cmd_launch_slurm(args: argparse.Namespace) -> None:
+    flags = {"nodes": args.nodes, "nproc_per_node": args.nproc_per_node, "time": args.time,
+             "partition": args.partition, "gpus_per_node": args.gpus_per_node}
+    overrides = [*args.overrides, *(f"launch.{key}={value}" for key, value in flags.items()
+                                    if value not in (None, ""))]
+    config = load_config(args.config, overrides)
+    from ddrl_scale.launch.slurm import launch
+
+    try:
+        launch(config, args.sweep, args.chain, args.dry_run)
+    except RuntimeError as error:  # sbatch's refusal, said plainly
+        print(f"ddrl: error: {error}", file=sys.stderr)
+        raise SystemExit(3) from None
+
+
+def cmd_launch_local(args: argparse.Namespace) -> None:
+    load_config(args.config, args.overrides)  # fail here, once, not in every rank
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               f"--nproc-per-node={args.nproc}", "-m", "ddrl_scale.cli", "train", args.config,
+               *args.overrides]
+    print(" ".join(command), flush=True)
+    os.execv(sys.executable, command)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ddrl", description="DDRL post-training of video DiTs")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -117,6 +141,28 @@ def build_parser() -> argparse.ArgumentParser:
     hacking.add_argument("overrides", nargs="*", help=overrides_help)
     hacking.set_defaults(handler=cmd_experiment_hacking)
 
+    launch = commands.add_parser("launch", help="run on several processes: this host or SLURM")
+    launchers = launch.add_subparsers(dest="launcher", required=True)
+    slurm = launchers.add_parser("slurm", help="render and submit the sbatch script of a run")
+    slurm.add_argument("config", help="YAML config file")
+    slurm.add_argument("overrides", nargs="*", help=overrides_help)
+    slurm.add_argument("--nodes", type=int, help="launch.nodes")
+    slurm.add_argument("--nproc-per-node", type=int, help="launch.nproc_per_node")
+    slurm.add_argument("--gpus-per-node", type=int, help="launch.gpus_per_node")
+    slurm.add_argument("--time", help="launch.time, for example 04:00:00")
+    slurm.add_argument("--partition", help="launch.partition")
+    slurm.add_argument("--dry-run", action="store_true", help="print the script, submit nothing")
+    slurm.add_argument("--sweep", action="append", default=[], metavar="KEY=V1,V2",
+                       help="a job array over these values (repeat for a grid)")
+    slurm.add_argument("--chain", type=int, default=1, metavar="K",
+                       help="K jobs in a row, each after the previous ends (long runs)")
+    slurm.set_defaults(handler=cmd_launch_slurm)
+    local = launchers.add_parser("local", help="torchrun on this host")
+    local.add_argument("config", help="YAML config file")
+    local.add_argument("overrides", nargs="*", help=overrides_help)
+    local.add_argument("--nproc", type=int, required=True, help="processes (ranks)")
+    local.set_defaults(handler=cmd_launch_local)
+
     ckpt = commands.add_parser("ckpt", help="checkpoint tools")
     ckpt_commands = ckpt.add_subparsers(dest="ckpt_command", required=True)
     export = ckpt_commands.add_parser("export", help="consolidate a checkpoint into one safetensors file")
@@ -129,7 +175,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    # overrides may come before and after options (`ddrl launch slurm C --nodes 2 k=v`):
+    # argparse leaves the later ones unrecognised; key=value ones are overrides, others an error
+    args, extra = parser.parse_known_args(argv)
+    stray = [item for item in extra if item.startswith("-") or "=" not in item]
+    if stray or (extra and not hasattr(args, "overrides")):
+        parser.error(f"unrecognized arguments: {' '.join(stray or extra)}")
+    if extra:
+        args.overrides = [*args.overrides, *extra]
     try:
         args.handler(args)
     except (ConfigError, FileNotFoundError) as error:

@@ -177,3 +177,40 @@ def test_data_on_first_only_computes_the_data_term_once(tiny_overrides, monkeypa
         if expected is not None:
             assert len(counted) == expected
     assert calls[0] == len(Trainer(load_config(None, tiny_overrides)).trained_steps()) > 1
+
+
+def test_preemption_request_checkpoints_and_stops_then_resumes(tiny_overrides):
+    """RUN_DIR/.preempt_requested (or SIGUSR1): stop after the current step with a checkpoint;
+    the next run resumes there and the metrics hold every step once."""
+    import os
+    import signal
+
+    config = load_config(None, tiny_overrides)
+    run_dir = Path(config.run.output_dir)
+    run_dir.mkdir(parents=True)
+    (run_dir / ".preempt_requested").touch()
+    first = Trainer(config)
+    assert first.train() is False and first.step == 1
+    assert (run_dir / "checkpoints" / "step_000001" / "trainer_state.pt").is_file()
+
+    (run_dir / ".preempt_requested").unlink()  # the requeued job's script removes it
+    second = Trainer(config)
+    second.maybe_resume()
+    assert second.step == 1
+    original = signal.getsignal(signal.SIGUSR1)
+    try:
+        def signal_during_step(*args, done=[]):  # noqa: B006  (a one-shot flag)
+            result = Trainer.iteration(second)
+            if not done:
+                done.append(os.kill(os.getpid(), signal.SIGUSR1))
+            return result
+
+        second.iteration = signal_during_step
+        assert second.train() is False and second.step == 2  # the signal stopped it after step 2
+    finally:
+        signal.signal(signal.SIGUSR1, original)
+    third = Trainer(config)
+    third.maybe_resume()
+    assert third.train() is True and third.step == config.train.steps
+    assert [r["step"] for r in read_metrics(run_dir / "metrics.jsonl")] == [1, 2, 3]
+    assert not (run_dir / ".preempt_requested").exists()

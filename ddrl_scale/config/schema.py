@@ -235,6 +235,36 @@ class ParallelSection:
 
 
 @dataclass
+class LaunchSection:
+    """`ddrl launch slurm`: how the job is asked of SLURM (rendered into the sbatch script)."""
+
+    nodes: int = 1
+    nproc_per_node: int = 1  # processes (ranks) per node; GPUs per node on GPU clusters
+    gpus_per_node: int = 0  # --gres=gpu:N (0 = no GRES request)
+    cpus_per_node: int = 0  # --cpus-per-task (0 = SLURM's default)
+    mem: str = ""  # --mem, for example 200G ("" = SLURM's default)
+    time: str = "01:00:00"
+    job_name: str = "ddrl"
+    partition: str = ""
+    account: str = ""
+    qos: str = ""
+    container_image: str = ""  # pyxis --container-image
+    container_mounts: str = ""  # pyxis --container-mounts
+    log_dir: str = "outputs/slurm_logs"
+    port: int = 29500  # torch rendezvous port on the head node
+    signal_seconds: int = 120  # SIGUSR1 this long before the time limit: checkpoint and requeue
+    requeue: bool = True  # requeue after a preemption warning (never after a failure)
+    env: dict[str, str] = field(default_factory=dict)  # extra environment, for example NCCL_*
+
+    def __post_init__(self) -> None:
+        _check(self.nodes >= 1, "launch.nodes", ">= 1", self.nodes)
+        _check(self.nproc_per_node >= 1, "launch.nproc_per_node", ">= 1", self.nproc_per_node)
+        _check(self.gpus_per_node >= 0, "launch.gpus_per_node", ">= 0", self.gpus_per_node)
+        _check(self.signal_seconds >= 0, "launch.signal_seconds", ">= 0", self.signal_seconds)
+        _check(0 < self.port < 65536, "launch.port", "a TCP port", self.port)
+
+
+@dataclass
 class RunConfig:
     run: RunSection = field(default_factory=RunSection)
     video: VideoSection = field(default_factory=VideoSection)
@@ -249,6 +279,7 @@ class RunConfig:
     train: TrainSection = field(default_factory=TrainSection)
     pretrain: PretrainSection = field(default_factory=PretrainSection)
     parallel: ParallelSection = field(default_factory=ParallelSection)
+    launch: LaunchSection = field(default_factory=LaunchSection)
 
     def __post_init__(self) -> None:
         _check(len(self.rewards) > 0, "rewards", "at least one reward", self.rewards)

@@ -51,7 +51,10 @@ def run_training(config: RunConfig) -> dict:
     barrier(trainer.world, "run directory")
     evaluating = config.train.eval_prompts > 0
     before, before_videos = _before(trainer, run_dir) if evaluating else (None, None)
-    trainer.train()
+    if not trainer.train():  # preempted: checkpointed; the requeued job resumes and reports
+        logger.warning("stopped at step %d on a preemption request; resume with the same command",
+                       trainer.step)
+        return {"steps": trainer.step, "preempted": True} if main else {}
     summary = {"steps": trainer.step, "seconds": round(time.time() - start, 1),
                "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
                "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, "
@@ -74,6 +77,8 @@ def run_training(config: RunConfig) -> dict:
 
 
 def describe(summary: dict, run_dir: str) -> str:
+    if summary.get("preempted"):
+        return f"preempted after step {summary['steps']}; checkpoint in {run_dir}/checkpoints"
     lines = [f"finished {summary['steps']} steps in {summary['seconds']:.0f} s "
              f"(peak RSS {summary['peak_rss_mb']:.0f} MB; {summary['machine']}); outputs in {run_dir}/"]
     if summary.get("before") and summary.get("after"):

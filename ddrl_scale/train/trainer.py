@@ -32,6 +32,7 @@ from ddrl_scale.train.anchor_data import demo_shards
 from ddrl_scale.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from ddrl_scale.train.evaluate import EvalResult, eval_prompts, evaluate
 from ddrl_scale.train.metrics import MetricsWriter
+from ddrl_scale.train.preemption import StopRequest
 
 logger = logging.getLogger(__name__)
 
@@ -204,14 +205,17 @@ class Trainer:
         return {"step": self.step, "policy_version": self.step,
                 "anchor_samples_skipped": self.loader.skipped, **metrics}
 
-    def train(self) -> None:
-        """Run optimizer steps until train.steps (resuming first if a checkpoint exists), then save."""
+    def train(self) -> bool:
+        """Run optimizer steps until train.steps, then save. Returns False if a preemption request
+        (SIGUSR1 or RUN_DIR/.preempt_requested) stopped it early, after checkpointing that step."""
         config, main = self.config, self.world.is_main
         if main:
             save_config(config, self.run_dir)
+        stop = StopRequest(self.run_dir, self.world)
         writer = MetricsWriter(self.run_dir / "metrics.jsonl", resume_step=self.step) if main else None
         progress = tqdm(total=config.train.steps, initial=self.step, desc="ddrl",
                         disable=not (config.train.progress and main))
+        finished = True
         while self.step < config.train.steps:
             metrics = self.iteration()
             logged = self.step % config.train.log_every == 0 or self.step == config.train.steps
@@ -222,8 +226,15 @@ class Trainer:
                                  data=f"{metrics.get('data_loss', float('nan')):.3f}")
             if config.train.save_every and self.step % config.train.save_every == 0:
                 self.save()
+            if self.step < config.train.steps and stop.requested():
+                logger.warning("preemption requested: checkpointing step %d and stopping", self.step)
+                finished = False
+                break
         progress.close()
         if writer is not None:
             writer.close()
         if latest_checkpoint(self.run_dir) != self.run_dir / "checkpoints" / f"step_{self.step:06d}":
             self.save()
+        if finished and main:  # a warning that came during the last step needs no requeue
+            stop.path.unlink(missing_ok=True)
+        return finished

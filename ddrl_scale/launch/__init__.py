@@ -1,0 +1,1 @@
+"""Launching runs: one host (torchrun) or a SLURM cluster (rendered sbatch scripts)."""

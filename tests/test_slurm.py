@@ -1,0 +1,131 @@
+"""Integration tests against a real SLURM (marker `slurm`): launchers/slurm/local_cluster.sh brings
+up a 2-node cluster on this machine (root, Debian packages); `ddrl launch slurm` submits to it.
+
+Run with `pytest -m slurm` (`.ci/run` does). A job is waited for by polling `scontrol show job`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import _TINY
+
+REPO = Path(__file__).resolve().parents[1]
+CLUSTER = REPO / "launchers" / "slurm" / "local_cluster.sh"
+pytestmark = [
+    pytest.mark.slurm,
+    pytest.mark.skipif(os.geteuid() != 0, reason="the local SLURM cluster needs root"),
+    pytest.mark.skipif(shutil.which("apt-get") is None, reason="needs Debian's apt-get for SLURM"),
+]
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    up = subprocess.run(["bash", str(CLUSTER), "up"], capture_output=True, text=True, timeout=300)
+    assert up.returncode == 0, up.stdout + up.stderr
+    yield
+    subprocess.run(["bash", str(CLUSTER), "down"], capture_output=True, text=True, timeout=60)
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    from ddrl_scale.config import load_config
+    from ddrl_scale.train.anchor_data import demo_shards
+
+    folder = tmp_path_factory.mktemp("slurm") / "shards"
+    demo_shards(load_config(None, [*_TINY, f"data.generated_dir={folder}"]))
+    return folder
+
+
+def _launch(run_dir: Path, *extra: str) -> tuple[subprocess.CompletedProcess, str | None]:
+    done = subprocess.run(
+        [sys.executable, "-m", "ddrl_scale.cli", "launch", "slurm", "configs/demo_cpu.yaml",
+         *_TINY, "parallel.engine=fsdp2", "launch.nodes=2", f"run.output_dir={run_dir}",
+         f"launch.log_dir={run_dir / 'logs'}", "train.eval_prompts=0", *extra],
+        cwd=REPO, capture_output=True, text=True, timeout=120)
+    match = re.search(r"submitted job (\d+)", done.stdout)
+    return done, match.group(1) if match else None
+
+
+def _job(job: str) -> dict[str, str]:
+    text = subprocess.run(["scontrol", "show", "job", job], capture_output=True, text=True).stdout
+    return dict(re.findall(r"(\w+)=(\S+)", text))
+
+
+def _wait(job: str, states=("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL"),
+          timeout: float = 240) -> dict[str, str]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        info = _job(job)
+        if info.get("JobState") in states:
+            return info
+        if info.get("JobState") == "PENDING" and info.get("Reason") == "BeginTime":
+            # a requeued job waits before it may start again; the test does not
+            subprocess.run(["scontrol", "update", f"jobid={job}", "StartTime=now"])
+        time.sleep(0.5)
+    pytest.fail(f"job {job} still {_job(job).get('JobState')} after {timeout} s")
+
+
+def _steps(run_dir: Path) -> list[int]:
+    return [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def _logs(run_dir: Path) -> str:
+    return "\n".join(f"== {p.name}\n{p.read_text()[-3000:]}" for p in sorted((run_dir / "logs").glob("*")))
+
+
+def test_two_node_job_completes(cluster, shards, tmp_path):
+    """The demo, as a real 2-node job (one torchrun per node, fsdp2 over 2 ranks), runs to the end."""
+    run_dir = tmp_path / "run"
+    done, job = _launch(run_dir, f"data.generated_dir={shards}", "train.steps=3")
+    assert job, done.stdout + done.stderr
+    info = _wait(job)
+    assert info["JobState"] == "COMPLETED", _logs(run_dir)
+    assert info["NodeList"] == "n[1-2]" and info["NumNodes"] == "2"
+    assert _steps(run_dir) == [1, 2, 3]
+    assert (run_dir / "checkpoints" / "step_000003" / "trainer_state.pt").is_file()
+    assert {p.name for p in (run_dir / "logs").glob("*-node*.out")} == {
+        f"ddrl-{job}-node0.out", f"ddrl-{job}-node1.out"}
+
+
+def test_preemption_warning_checkpoints_requeues_and_resumes(cluster, shards, tmp_path):
+    """USR1 to the batch shell: the trainer checkpoints, the job requeues itself, the requeued job
+    resumes from that checkpoint; every step appears exactly once."""
+    run_dir = tmp_path / "run"
+    done, job = _launch(run_dir, f"data.generated_dir={shards}", "train.steps=24",
+                        "sampler.num_steps=8", "train.save_every=4")
+    assert job, done.stdout + done.stderr
+    deadline = time.monotonic() + 180
+    while not (run_dir / "checkpoints" / "step_000004").is_dir():
+        assert time.monotonic() < deadline and _job(job).get("JobState") in ("PENDING", "RUNNING"), \
+            _logs(run_dir)
+        time.sleep(0.2)
+    subprocess.run(["scancel", "--signal=USR1", "--batch", job], check=True)
+    info = _wait(job)
+    assert info["JobState"] == "COMPLETED", _logs(run_dir)
+    assert info["Restarts"] == "1", _logs(run_dir)
+    batch_log = (run_dir / "logs" / f"ddrl-{job}.out").read_text()
+    assert "requeueing job" in batch_log and "restart 1" in batch_log, batch_log
+    assert _steps(run_dir) == list(range(1, 25)), _logs(run_dir)  # none lost, none repeated
+    node_log = (run_dir / "logs" / f"ddrl-{job}-node0.out").read_text()
+    assert re.search(r"resumed from \S+step_0000\d\d at step \d+", node_log), node_log[-3000:]
+
+
+@pytest.mark.parametrize(("extra", "message"), [
+    (["--nodes", "3"], "Node count specification invalid|Requested node configuration is not available"),
+    (["--partition", "nosuch"], "[Ii]nvalid partition"),
+])
+def test_impossible_requests_surface_slurms_error(cluster, tmp_path, extra, message):
+    """More nodes than exist, or an unknown partition: sbatch's own message, exit 3, no job."""
+    done, job = _launch(tmp_path / "run", *extra)
+    assert job is None and done.returncode == 3, done.stdout + done.stderr
+    assert re.search(message, done.stderr), done.stderr
+    assert "sbatch refused the job" in done.stderr
