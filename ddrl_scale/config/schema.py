@@ -128,7 +128,9 @@ class AlgoSection:
     exp_reward: bool = False  # A <- -exp(-A)
     same_noise_per_group: bool = False
     data_reuse_rollout_noise: bool = False  # data term at the rollout's sigma_i and initial noise
-    data_on_first_only: bool = False  # data term once per iteration, on the first trained step
+    # data term once per iteration, on the first trained step (like every term, it is divided by
+    # the number of trained steps, so its weight per iteration is data_beta / trained steps)
+    data_on_first_only: bool = False
 
     def __post_init__(self) -> None:
         _check(self.group_size >= 2, "algo.group_size", ">= 2 (advantages are group-normalised)",

@@ -27,7 +27,7 @@ from ddrl_scale.parallel import World, build_engine, init_world
 from ddrl_scale.parallel.distributed import barrier, reduce_metrics
 from ddrl_scale.rewards import WeightedRewards
 from ddrl_scale.rollout import RolloutBatch, generate_rollouts
-from ddrl_scale.runtime import seed_everything
+from ddrl_scale.runtime import autocast, seed_everything
 from ddrl_scale.train.anchor_data import demo_shards
 from ddrl_scale.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from ddrl_scale.train.evaluate import EvalResult, eval_prompts, evaluate
@@ -134,8 +134,10 @@ class Trainer:
                                               prev_sample=trajectory.states[index + 1])
             kl = None
             if self.reference is not None:
-                with torch.no_grad():
+                # same precision as the policy, so the KL is exactly 0 while the weights agree
+                with torch.no_grad(), autocast(self.device, self.config.run.dtype):
                     ref_v = self.reference(x, torch.full_like(log_prob, sigma), rollouts.text)
+                # only the reference's transition mean is needed; prev_sample just skips the draw
                 _, _, ref_mean, _ = sde_step(ref_v, x, sigma, sigma_next,
                                              self.config.sampler.noise_level, prev_sample=x)
                 kl = reverse_kl(mean, ref_mean, std)
