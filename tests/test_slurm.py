@@ -30,9 +30,11 @@ pytestmark = [
 @pytest.fixture(scope="module")
 def cluster():
     up = subprocess.run(["bash", str(CLUSTER), "up"], capture_output=True, text=True, timeout=300)
-    assert up.returncode == 0, up.stdout + up.stderr
-    yield
-    subprocess.run(["bash", str(CLUSTER), "down"], capture_output=True, text=True, timeout=60)
+    try:
+        assert up.returncode == 0, up.stdout + up.stderr
+        yield
+    finally:  # also after a failed bring-up: stop whatever it started
+        subprocess.run(["bash", str(CLUSTER), "down"], capture_output=True, text=True, timeout=120)
 
 
 @pytest.fixture(scope="module")
@@ -62,14 +64,14 @@ def _job(job: str) -> dict[str, str]:
 
 def _wait(job: str, states=("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL"),
           timeout: float = 240) -> dict[str, str]:
-    deadline = time.monotonic() + timeout
+    deadline, settled = time.monotonic() + timeout, []
     while time.monotonic() < deadline:
         info = _job(job)
-        if info.get("JobState") in states:
+        # a requeue passes through a short terminal-looking state: only a state that holds for
+        # 3 s counts as the end
+        settled = [*settled, info.get("JobState")] if info.get("JobState") in states else []
+        if len(settled) >= 7 and len(set(settled[-7:])) == 1:
             return info
-        if info.get("JobState") == "PENDING" and info.get("Reason") == "BeginTime":
-            # a requeued job waits before it may start again; the test does not
-            subprocess.run(["scontrol", "update", f"jobid={job}", "StartTime=now"])
         time.sleep(0.5)
     pytest.fail(f"job {job} still {_job(job).get('JobState')} after {timeout} s")
 
@@ -109,14 +111,19 @@ def test_preemption_warning_checkpoints_requeues_and_resumes(cluster, shards, tm
             _logs(run_dir)
         time.sleep(0.2)
     subprocess.run(["scancel", "--signal=USR1", "--batch", job], check=True)
+    deadline = time.monotonic() + 120
+    while _job(job).get("Restarts") != "1":  # the trainer checkpoints, then the script requeues
+        assert time.monotonic() < deadline, _logs(run_dir)
+        time.sleep(0.2)
     info = _wait(job)
     assert info["JobState"] == "COMPLETED", _logs(run_dir)
     assert info["Restarts"] == "1", _logs(run_dir)
     batch_log = (run_dir / "logs" / f"ddrl-{job}.out").read_text()
     assert "requeueing job" in batch_log and "restart 1" in batch_log, batch_log
     assert _steps(run_dir) == list(range(1, 25)), _logs(run_dir)  # none lost, none repeated
-    node_log = (run_dir / "logs" / f"ddrl-{job}-node0.out").read_text()
-    assert re.search(r"resumed from \S+step_0000\d\d at step \d+", node_log), node_log[-3000:]
+    # rank 0 may sit on either node (the c10d rendezvous orders the nodes itself)
+    node_logs = "".join(p.read_text() for p in (run_dir / "logs").glob(f"ddrl-{job}-node*.out"))
+    assert re.search(r"resumed from \S+step_0000\d\d at step \d+", node_logs), node_logs[-3000:]
 
 
 @pytest.mark.parametrize(("extra", "message"), [

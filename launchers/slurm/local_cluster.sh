@@ -33,6 +33,8 @@ ClusterName=ddrl-local
 SlurmctldHost=$HOST
 SlurmUser=root
 AuthType=auth/munge
+# a requeued job may start again after the job credential expires (default 120 s); short for tests
+AuthInfo=cred_expire=10
 StateSaveLocation=$STATE/spool/ctld
 SlurmdSpoolDir=$STATE/spool/d_%n
 SlurmctldPidFile=$STATE/run/slurmctld.pid
@@ -67,9 +69,17 @@ up() {
     runuser -u munge -- munged
     sleep 0.5
     cp /run/munge/munged.pid "$STATE/run/munged.pid"
+    echo "munged $(cat /run/munge/munged.pid)" >> "$STATE/run/started.pids"
   fi
-  alive "$STATE/run/slurmctld.pid" || slurmctld
-  for node in n1 n2; do alive "$STATE/run/slurmd_$node.pid" || slurmd -N "$node"; done
+  if ! alive "$STATE/run/slurmctld.pid"; then
+    slurmctld; sleep 0.3; echo "slurmctld $(cat "$STATE/run/slurmctld.pid")" >> "$STATE/run/started.pids"
+  fi
+  for node in n1 n2; do
+    if ! alive "$STATE/run/slurmd_$node.pid"; then
+      slurmd -N "$node"; sleep 0.3
+      echo "slurmd_$node $(cat "$STATE/run/slurmd_$node.pid")" >> "$STATE/run/started.pids"
+    fi
+  done
   for _ in $(seq 1 60); do
     if [ "$(sinfo -h -o '%t' 2>/dev/null | grep -cE '^idle')" -ge 1 ] \
        && ! sinfo -h -o '%t' | grep -qvE '^idle'; then
@@ -81,12 +91,23 @@ up() {
   say "nodes did not become idle:"; sinfo || true; tail -n 20 "$STATE/log/slurmctld.log" || true; exit 1
 }
 
+stop() {  # stop <name> <pid>: TERM, wait up to 10 s, then KILL
+  kill "$2" 2>/dev/null || return 0
+  for _ in $(seq 1 50); do kill -0 "$2" 2>/dev/null || { say "stopped $1 ($2)"; return 0; }; sleep 0.2; done
+  kill -9 "$2" 2>/dev/null || true
+  say "killed $1 ($2) after 10 s"
+}
+
 down() {
+  # every PID `up` recorded (started.pids) and the daemons' own pidfiles
+  local entries=()
+  [ -f "$STATE/run/started.pids" ] && mapfile -t entries < "$STATE/run/started.pids"
   for pidfile in "$STATE"/run/slurmd_n1.pid "$STATE"/run/slurmd_n2.pid "$STATE"/run/slurmctld.pid \
                  "$STATE"/run/munged.pid; do
-    if alive "$pidfile"; then kill "$(cat "$pidfile")"; say "stopped $(basename "$pidfile" .pid)"; fi
-    rm -f "$pidfile"
+    [ -f "$pidfile" ] && entries+=("$(basename "$pidfile" .pid) $(cat "$pidfile")")
   done
+  for entry in "${entries[@]}"; do stop ${entry}; done
+  rm -f "$STATE"/run/*.pid "$STATE/run/started.pids"
 }
 
 status() {
