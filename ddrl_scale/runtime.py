@@ -11,14 +11,6 @@ import numpy as np
 import torch
 
 
-def resolve_device(requested: str) -> torch.device:
-    if requested == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("run.device=cuda but torch sees no CUDA device; use run.device=cpu or auto")
-    if requested == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(requested)
-
-
 def autocast(device: torch.device, dtype: str):
     """bf16 autocast for run.dtype=bf16, a no-op context for fp32."""
     if dtype == "bf16":

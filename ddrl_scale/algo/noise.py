@@ -30,3 +30,12 @@ def keyed_normal(shape: Sequence[int], indices: Sequence[int], *key: int,
         generator = torch.Generator(device=device).manual_seed(key_seed(*key, index))
         rows.append(torch.randn(tuple(shape), generator=generator, device=device))
     return torch.stack(rows)
+
+
+def data_term_draws(shape: Sequence[int], indices: Sequence[int], *key: int,
+                    device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """Noise (N, *shape) and logit-normal noise levels (N,) (as SD3 trains) for the flow-matching
+    loss on the data items `indices`, keyed by `key`."""
+    noise = keyed_normal(shape, indices, *key, DATA_NOISE, device=device)
+    sigma = torch.sigmoid(keyed_normal((), indices, *key, DATA_SIGMA, device=device))
+    return noise, sigma

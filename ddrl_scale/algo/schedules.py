@@ -20,8 +20,3 @@ def add_noise(x0: torch.Tensor, noise: torch.Tensor, sigma: torch.Tensor) -> tor
     sigma = sigma.reshape(-1, *([1] * (x0.dim() - 1))).to(x0.dtype)
     return (1.0 - sigma) * x0 + sigma * noise
 
-
-def sample_training_sigma(batch: int, generator: torch.Generator | None = None,
-                          device: torch.device | str = "cpu") -> torch.Tensor:
-    """Noise levels (B,) for the flow-matching loss: logit-normal(0, 1), as SD3 trains."""
-    return torch.sigmoid(torch.randn(batch, generator=generator, device=device))

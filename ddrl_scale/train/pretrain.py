@@ -15,11 +15,10 @@ import logging
 import time
 from pathlib import Path
 
-import torch
 from tqdm import tqdm
 
 from ddrl_scale.algo.losses import flow_matching_loss
-from ddrl_scale.algo.noise import DATA_NOISE, DATA_SIGMA, keyed_normal
+from ddrl_scale.algo.noise import data_term_draws
 from ddrl_scale.algo.schedules import add_noise
 from ddrl_scale.config.schema import OptimSection, RunConfig
 from ddrl_scale.data.anchor import AnchorLoader
@@ -70,9 +69,8 @@ def pretrain(config: RunConfig) -> str:
         batch = loader.next_batch()
         x0 = batch.latents[share].to(world.device)
         items = list(range(share.start, share.stop))
-        noise = keyed_normal(x0.shape[1:], items, config.run.seed, step, DATA_NOISE, device=world.device)
-        sigma = torch.sigmoid(keyed_normal((), items, config.run.seed, step, DATA_SIGMA,
-                                           device=world.device))  # logit-normal t, as SD3
+        noise, sigma = data_term_draws(x0.shape[1:], items, config.run.seed, step,
+                                       device=world.device)
         text = text_encoder.encode(batch.captions[share], world.device)
         loss = flow_matching_loss(engine.forward(add_noise(x0, noise, sigma), sigma, text), x0,
                                   noise).mean()

@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 from ddrl_scale import algo
 from ddrl_scale.algo.losses import flow_matching_loss, reverse_kl
-from ddrl_scale.algo.noise import DATA_NOISE, DATA_SIGMA, keyed_normal
+from ddrl_scale.algo.noise import data_term_draws
 from ddrl_scale.algo.samplers import sde_step
 from ddrl_scale.algo.schedules import add_noise, sigma_schedule
 from ddrl_scale.config import ConfigError, RunConfig, save_config
@@ -114,9 +114,8 @@ class Trainer:
             sigma = torch.full((x0.shape[0],), float(self.sigmas[index]), device=self.device)
         else:
             items = list(range(self.prompt_slice.start, self.prompt_slice.start + x0.shape[0]))
-            key = (self.config.run.seed, self.step, index)
-            noise = keyed_normal(x0.shape[1:], items, *key, DATA_NOISE, device=self.device)
-            sigma = torch.sigmoid(keyed_normal((), items, *key, DATA_SIGMA, device=self.device))
+            noise, sigma = data_term_draws(x0.shape[1:], items, self.config.run.seed, self.step,
+                                           index, device=self.device)
         v_pred = self.engine.forward(add_noise(x0, noise, sigma), sigma,
                                      self.encode_text(batch.captions))
         return flow_matching_loss(v_pred, x0, noise)
