@@ -237,6 +237,33 @@ class ParallelSection:
 
 
 @dataclass
+class RolloutSection:
+    """Where rollouts run: in the trainer's processes, or on rollout ranks of their own."""
+
+    mode: str = "colocated"  # colocated | disaggregated (the last num_ranks ranks sample)
+    num_ranks: int = 1  # disaggregated: rollout ranks (the others train)
+    max_policy_lag: int = 0  # 0 = on-policy and synchronous; k = rollouts of up to k versions back
+    sync_every: int = 1  # publish the weights every k optimizer steps (<= max_policy_lag + 1)
+    publish_bucket_mb: float = 256.0  # weights stream to rollout ranks in buckets of this size
+    verify_publish: bool = False  # checksum the rollout ranks' weights against the trainers' each step
+    timeout_s: float = 1800.0  # a trainer waits this long for a rollout rank (and it for orders)
+
+    def __post_init__(self) -> None:
+        _check(self.mode in ("colocated", "disaggregated"), "rollout.mode", "colocated|disaggregated",
+               self.mode)
+        _check(self.num_ranks >= 1, "rollout.num_ranks", ">= 1", self.num_ranks)
+        _check(self.max_policy_lag >= 0, "rollout.max_policy_lag", ">= 0", self.max_policy_lag)
+        _check(self.mode == "disaggregated" or self.max_policy_lag == 0, "rollout.max_policy_lag",
+               "0 when rollout.mode=colocated (colocated rollouts are always on-policy)",
+               self.max_policy_lag)
+        _check(1 <= self.sync_every <= self.max_policy_lag + 1, "rollout.sync_every",
+               f"between 1 and rollout.max_policy_lag + 1 = {self.max_policy_lag + 1} (a rollout "
+               f"may not use weights older than the lag allows)", self.sync_every)
+        _check(self.publish_bucket_mb > 0, "rollout.publish_bucket_mb", "> 0", self.publish_bucket_mb)
+        _check(self.timeout_s > 0, "rollout.timeout_s", "> 0", self.timeout_s)
+
+
+@dataclass
 class LaunchSection:
     """`ddrl launch slurm`: how the job is asked of SLURM (rendered into the sbatch script)."""
 
@@ -281,6 +308,7 @@ class RunConfig:
     train: TrainSection = field(default_factory=TrainSection)
     pretrain: PretrainSection = field(default_factory=PretrainSection)
     parallel: ParallelSection = field(default_factory=ParallelSection)
+    rollout: RolloutSection = field(default_factory=RolloutSection)
     launch: LaunchSection = field(default_factory=LaunchSection)
 
     def __post_init__(self) -> None:
@@ -291,3 +319,7 @@ class RunConfig:
         ):
             _check(dim % patch == 0, f"video.{key}",
                    f"a multiple of the model patch size {patch}", dim)
+        if self.rollout.mode == "disaggregated":
+            _check(self.algo.prompts_per_step % self.rollout.num_ranks == 0, "algo.prompts_per_step",
+                   f"a multiple of rollout.num_ranks={self.rollout.num_ranks} (each rollout rank "
+                   f"samples whole prompt groups)", self.algo.prompts_per_step)

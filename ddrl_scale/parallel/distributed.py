@@ -37,8 +37,12 @@ class World:
         return self.world_size > 1
 
 
-def init_world(device_request: str = "auto", timeout_s: float = 600.0) -> World:
-    """Join the torchrun world (RANK / WORLD_SIZE / LOCAL_RANK in the environment), or be alone."""
+def init_world(device_request: str = "auto", timeout_s: float = 600.0,
+               store: dist.Store | None = None) -> World:
+    """Join the torchrun world (RANK / WORLD_SIZE / LOCAL_RANK in the environment), or be alone.
+
+    `store`: rendezvous on this store instead of env:// (a role of a disaggregated job, whose
+    RANK / WORLD_SIZE are the role's: see parallel/roles.py)."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
     use_cuda = device_request == "cuda" or (device_request == "auto" and torch.cuda.is_available())
@@ -47,9 +51,11 @@ def init_world(device_request: str = "auto", timeout_s: float = 600.0) -> World:
     device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
     if use_cuda:
         torch.cuda.set_device(device)
-    if world_size > 1 and not dist.is_initialized():
+    # a role of one rank still gets its group: libraries that init their own would hit the job's store
+    if (world_size > 1 or store is not None) and not dist.is_initialized():
+        extra = {} if store is None else {"store": store, "rank": rank, "world_size": world_size}
         dist.init_process_group(backend="nccl" if use_cuda else "gloo",
-                                timeout=datetime.timedelta(seconds=timeout_s))
+                                timeout=datetime.timedelta(seconds=timeout_s), **extra)
         logger.info("joined a world of %d ranks (%s)", world_size, dist.get_backend())
     return World(rank, world_size, local_rank, device)
 

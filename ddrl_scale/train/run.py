@@ -19,6 +19,8 @@ from safetensors.torch import load_file, save_file
 from ddrl_scale.config import RunConfig
 from ddrl_scale.models import flops_per_sample
 from ddrl_scale.parallel.distributed import barrier
+from ddrl_scale.parallel.roles import init_roles
+from ddrl_scale.rollout.worker import RolloutWorker
 from ddrl_scale.train.report import before_after_gif, plot_curves, write_json
 from ddrl_scale.train.trainer import Trainer
 
@@ -38,12 +40,21 @@ def _before(trainer: Trainer, run_dir: Path) -> tuple[dict, torch.Tensor]:
 
 
 def run_training(config: RunConfig) -> dict:
-    """Every rank calls; rank 0 writes the artifacts and returns the summary (others: {})."""
+    """Every rank calls; trainer rank 0 writes the artifacts and returns the summary (others: {}).
+
+    With rollout.mode=disaggregated the last rollout.num_ranks ranks serve rollouts instead."""
     start = time.time()
     resume = config.train.resume
     if resume not in ("auto", "none") and not Path(resume).is_dir():
         raise FileNotFoundError(f"train.resume: checkpoint folder '{resume}' does not exist")
-    trainer = Trainer(config)
+    if config.rollout.mode == "disaggregated":
+        roles, world = init_roles(config)
+        if roles.role == "rollout":
+            RolloutWorker(config, roles, world).run()
+            return {}
+        trainer = Trainer(config, world, roles)
+    else:
+        trainer = Trainer(config)
     trainer.maybe_resume()
     run_dir, main = trainer.run_dir, trainer.world.is_main
     if main:

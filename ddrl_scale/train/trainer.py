@@ -1,15 +1,19 @@
 """The DDRL trainer loop: anchor batch -> rollouts -> rewards -> advantages -> loss -> step -> save.
 
-Colocated, single process: every stage of docs/architecture.md's data flow runs here in turn. The
-loop (`train`) is short; each stage is a method or a pure function of algo/, rollout/, rewards/.
+Every stage of docs/architecture.md's data flow runs here in turn; with rollout.mode=colocated the
+rollouts are sampled in this process, with disaggregated they are ordered from the rollout ranks
+(rollout/remote.py) and the weights are published to them after the optimizer step. The loop
+(`train`) is short; each stage is a method or a pure function of algo/, rollout/, rewards/.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import logging
 import time
+from collections import deque
 from pathlib import Path
 
 import torch
@@ -25,8 +29,10 @@ from ddrl_scale.data.anchor import AnchorBatch, AnchorLoader
 from ddrl_scale.models import PixelVAE, build_model, build_text_encoder
 from ddrl_scale.parallel import World, build_engine, init_world
 from ddrl_scale.parallel.distributed import barrier, reduce_metrics
+from ddrl_scale.parallel.roles import Roles
 from ddrl_scale.rewards import WeightedRewards
 from ddrl_scale.rollout import RolloutBatch, generate_rollouts
+from ddrl_scale.rollout.remote import RemoteRollouts
 from ddrl_scale.runtime import autocast, seed_everything
 from ddrl_scale.train.anchor_data import demo_shards
 from ddrl_scale.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
@@ -50,7 +56,8 @@ def local_slice(total: int, world: World, model_parallel: int, what: str) -> sli
 
 
 class Trainer:
-    def __init__(self, config: RunConfig, world: World | None = None):
+    def __init__(self, config: RunConfig, world: World | None = None, roles: Roles | None = None):
+        """roles: this trainer rank's place in a disaggregated job (None: colocated rollouts)."""
         self.config = config
         self.run_dir = Path(config.run.output_dir)
         seed_everything(config.run.seed)
@@ -78,6 +85,15 @@ class Trainer:
         video = config.video
         self.latent_shape = (video.channels, video.num_frames, video.height, video.width)
         self.step = 0
+        # read-ahead anchor batches (step, batch, loader state before it) whose rollouts are ordered
+        self.pending: deque[tuple[int, AnchorBatch, dict]] = deque()
+        self.remote = None
+        if roles is not None:
+            slices = [local_slice(config.algo.prompts_per_step, dataclasses.replace(self.world, rank=rank),
+                                  self.model_parallel, "algo.prompts_per_step")
+                      for rank in range(self.world.world_size)]
+            self.remote = RemoteRollouts(config, roles, self.world, self.engine, slices,
+                                         self.encode_text, self.sigmas)
 
     # -- stages -------------------------------------------------------------------------------
     def encode_text(self, prompts: list[str]) -> torch.Tensor:
@@ -163,7 +179,10 @@ class Trainer:
 
     # -- checkpoints ----------------------------------------------------------------------------
     def save(self) -> Path:
-        trainer_state = {"loader": self.loader.state_dict(),
+        # the loader as it was before the oldest batch not yet trained on: a resumed run reads
+        # (and orders rollouts for) the read-ahead batches again
+        loader = self.pending[0][2] if self.pending else self.loader.state_dict()
+        trainer_state = {"loader": loader,
                          "dit_config": json.dumps(self.engine.model.config.to_dict())}
         return save_checkpoint(self.run_dir, self.step, self.engine, trainer_state, self.world,
                                self.config.train.keep_last)
@@ -180,22 +199,42 @@ class Trainer:
         logger.info("resumed from %s at step %d", path, self.step)
 
     # -- the loop -------------------------------------------------------------------------------
+    def fill_pipeline(self) -> None:
+        """Read anchor batches, and order their rollouts, as far ahead as the policy lag allows."""
+        ahead = self.remote.ahead if self.remote is not None else 0
+        while not self.pending or (len(self.pending) <= ahead
+                                   and self.step + len(self.pending) < self.config.train.steps):
+            state, batch = self.loader.state_dict(), self.next_batch()
+            step = self.step + len(self.pending)
+            self.pending.append((step, batch, state))
+            if self.remote is not None:
+                self.remote.request(step, batch)
+
     def iteration(self) -> dict[str, float]:
         start = time.perf_counter()
-        batch = self.next_batch()
+        self.fill_pipeline()
+        step, batch, _ = self.pending.popleft()
         data_time = time.perf_counter()
-        rollouts = self.rollout(batch)
+        if self.remote is None:
+            rollouts, remote_metrics = self.rollout(batch), {}
+        else:
+            rollouts, remote_metrics = self.remote.receive(step, batch)
         rollout_time = time.perf_counter()
         metrics = self.optimize(batch, rollouts)
-        end = time.perf_counter()
         self.step += 1
+        publish = self.remote.after_step(self.step) if self.remote is not None else 0.0
+        end = time.perf_counter()
+        metrics.update(remote_metrics)
+        if self.remote is not None:
+            metrics.update(time_publish=publish,
+                           trainer_idle_fraction=remote_metrics["time_rollout_wait"] / (end - start))
         num_samples = len(rollouts.prompts) * self.world.world_size // self.model_parallel
         rewards = rollouts.total_reward
         metrics.update(
             reward_mean=rewards.mean().item(), reward_square_mean=rewards.square().mean().item(),
             advantage_abs_mean=rollouts.advantages.abs().mean().item(), lr=self.engine.lr,
             time_data=data_time - start, time_rollout=rollout_time - data_time,
-            time_train=end - rollout_time, time_step=end - start,
+            time_train=end - rollout_time - publish, time_step=end - start,
             samples_per_s=num_samples / (end - start),
             **{f"reward_{name}_mean": value.mean().item() for name, value in rollouts.rewards.items()})
         # means over ranks are global means (equal shares); the std is rebuilt from E[r^2] - E[r]^2
@@ -203,7 +242,7 @@ class Trainer:
         variance = max(0.0, metrics.pop("reward_square_mean") - metrics["reward_mean"] ** 2)
         metrics["reward_std"] = (variance * num_samples / max(1, num_samples - 1)) ** 0.5
         # counters are the same on every rank and stay integers
-        return {"step": self.step, "policy_version": self.step,
+        return {"step": self.step, "policy_version": rollouts.policy_version,
                 "anchor_samples_skipped": self.loader.skipped, **metrics}
 
     def train(self) -> bool:
@@ -217,6 +256,8 @@ class Trainer:
         progress = tqdm(total=config.train.steps, initial=self.step, desc="ddrl",
                         disable=not (config.train.progress and main))
         finished = True
+        if self.remote is not None:
+            self.remote.publish(self.step)  # the rollout ranks start from the trainers' weights
         while self.step < config.train.steps:
             metrics = self.iteration()
             logged = self.step % config.train.log_every == 0 or self.step == config.train.steps
@@ -232,6 +273,8 @@ class Trainer:
                 finished = False
                 break
         progress.close()
+        if self.remote is not None:
+            self.remote.close()
         if writer is not None:
             writer.close()
         if latest_checkpoint(self.run_dir) != self.run_dir / "checkpoints" / f"step_{self.step:06d}":

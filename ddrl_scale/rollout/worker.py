@@ -1,0 +1,113 @@
+"""A rollout rank of a disaggregated job: orders in, trajectories out, weights by publish.
+
+It holds an inference copy of the policy (the run's precision; no optimizer, no gradients) and
+obeys trainer rank 0's orders in the order they come: `publish` (receive a new weights version),
+`generate` (sample its share of a step's prompt groups with the SDE sampler, decode, score,
+normalise advantages within each group, and send each trainer the samples of its prompts), `stop`.
+The noise of every sample is keyed by (seed, step, global sample index), exactly as in colocated
+rollouts, so where the samples are drawn changes nothing but the floating-point batch shapes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import time
+from pathlib import Path
+
+import torch
+
+from ddrl_scale.algo.schedules import sigma_schedule
+from ddrl_scale.config import RunConfig
+from ddrl_scale.models import PixelVAE, VideoDiT, build_text_encoder, dit_config_from
+from ddrl_scale.parallel.distributed import World
+from ddrl_scale.parallel.roles import Roles
+from ddrl_scale.rewards import WeightedRewards
+from ddrl_scale.rollout.colocated import generate_rollouts
+from ddrl_scale.rollout.publish import publish_dtype, receive_weights, weights_checksum
+from ddrl_scale.rollout.transport import Channel
+from ddrl_scale.runtime import autocast
+
+logger = logging.getLogger(__name__)
+
+
+class RolloutWorker:
+    def __init__(self, config: RunConfig, roles: Roles, world: World):
+        self.config, self.roles, self.device = config, roles, world.device
+        self.index = roles.job_rank - roles.num_trainers
+        # the weights come from the first publish; the architecture alone comes from the config
+        self.model = VideoDiT(dit_config_from(config)).to(self.device, publish_dtype(config.run.dtype))
+        self.model.eval().requires_grad_(False)
+        self.text_encoder, self.vae = build_text_encoder(config), PixelVAE()
+        self.rewards = WeightedRewards([(r.name, r.weight, dict(r.args)) for r in config.rewards])
+        self.sigmas = sigma_schedule(config.sampler.num_steps, config.sampler.shift)
+        video = config.video
+        self.latent_shape = (video.channels, video.num_frames, video.height, video.width)
+        self.channel = Channel(roles.job, roles.job_rank, config.rollout.timeout_s)
+        self.version, self.checksum = -1, None
+        self.times = {"idle": 0.0, "generate": 0.0, "publish": 0.0}
+        # a status file per worker (pid, host, version, last step): what an operator looks at first
+        self.status_path = Path(config.run.output_dir) / "rollout" / f"worker{self.index}.json"
+        self.status_path.parent.mkdir(parents=True, exist_ok=True)
+
+    @torch.no_grad()
+    def velocity(self, latents: torch.Tensor, sigma: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        with autocast(self.device, self.config.run.dtype):
+            return self.model(latents, sigma, text)
+
+    def encode_text(self, prompts: list[str]) -> torch.Tensor:
+        return self.text_encoder.encode(prompts, self.device)
+
+    def write_status(self, state: str, step: int | None = None) -> None:
+        status = {"pid": os.getpid(), "host": socket.gethostname(), "job_rank": self.roles.job_rank,
+                  "state": state, "version": self.version, "step": step, "times": self.times}
+        self.status_path.write_text(json.dumps(status))
+
+    def generate(self, order: dict) -> None:
+        config, step, start = self.config, order["step"], time.perf_counter()
+        batch = generate_rollouts(self.velocity, self.encode_text, self.vae.decode, self.rewards,
+                                  order["prompts"], self.latent_shape, self.sigmas, config.sampler,
+                                  config.algo, config.run.seed, step, order["first_prompt_index"],
+                                  self.device)
+        seconds = time.perf_counter() - start
+        self.times["generate"] += seconds
+        group = config.algo.group_size
+        for dst, low, high in order["targets"]:
+            part = slice(low * group, high * group)
+            tensors = {"states": batch.trajectory.states[:, part],
+                       "log_probs": batch.trajectory.log_probs[:, part],
+                       "advantages": batch.advantages[part], "total_reward": batch.total_reward[part],
+                       **{f"reward/{name}": value[part] for name, value in batch.rewards.items()}}
+            header = {"step": step, "version": self.version, "checksum": self.checksum,
+                      "worker": self.index, "samples": len(batch.prompts), "seconds": seconds,
+                      **self.times}
+            self.channel.send(dst, header, tensors)
+
+    def run(self) -> None:
+        """Obey orders until `stop`."""
+        self.write_status("waiting")
+        mark = time.perf_counter()
+        while True:
+            order, _ = self.channel.recv(0, "order")
+            start = time.perf_counter()
+            self.times["idle"] += start - mark
+            if order["op"] == "stop":
+                break
+            if order["op"] == "publish":
+                self.version = receive_weights(self.model, self.roles.publish, self.device)
+                if self.config.rollout.verify_publish:
+                    self.checksum = weights_checksum(self.model.named_parameters())
+                self.times["publish"] += time.perf_counter() - start
+                self.write_status("published", None)
+            elif order["op"] == "generate":
+                self.write_status("generating", order["step"])
+                self.generate(order)
+                self.write_status("sent", order["step"])
+            else:
+                raise ValueError(f"rollout worker {self.index}: unknown order '{order['op']}'")
+            mark = time.perf_counter()
+        self.channel.flush(timeout_s=60)
+        self.write_status("stopped")
+        logger.info("rollout worker %d stopped (version %d)", self.index, self.version)
