@@ -171,6 +171,9 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--ema", action="store_true", help="export the EMA weights")
     export.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
     export.set_defaults(handler=cmd_ckpt_export)
+    from ddrl_scale.rewards.service import add_parser as add_reward_serve_parser
+
+    add_reward_serve_parser(commands)
     return parser
 
 

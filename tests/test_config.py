@@ -189,3 +189,14 @@ def test_malformed_yaml_is_config_error(tmp_path, text, needle):
     with pytest.raises(ConfigError) as info:
         load_config(path)
     assert needle in str(info.value)
+
+
+def test_free_form_mappings_take_new_keys_and_sections_do_not():
+    """A reward's args and launch.env are free-form: overrides may add keys there, nowhere else."""
+    config = load_config(None, ["rewards.0.name=remote", "rewards.0.args.url=http://127.0.0.1:4000",
+                                "rewards.0.args.retries=2", "launch.env.NCCL_DEBUG=INFO"])
+    assert config.rewards[0].args == {"url": "http://127.0.0.1:4000", "retries": 2}
+    assert config.launch.env == {"NCCL_DEBUG": "INFO"}
+    for key in ("optim.bogus", "rewards.0.bogus", "rollout.bogus"):
+        with pytest.raises(ConfigError, match=f"unknown config key '{key}'"):
+            load_config(None, [f"{key}=1"])

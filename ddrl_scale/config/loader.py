@@ -43,6 +43,13 @@ def _load_yaml(path: Path):
     return loaded
 
 
+def _free_key(merged, key: str) -> bool:
+    """A new key inside a free-form mapping (a reward's `args`, `launch.env`) may be added."""
+    parent_key, _, _ = key.rpartition(".")
+    parent = OmegaConf.select(merged, parent_key, default=None) if parent_key else None
+    return OmegaConf.is_dict(parent) and OmegaConf.get_type(parent) is dict
+
+
 def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> RunConfig:
     """Return the validated `RunConfig` from an optional YAML file and dotted overrides."""
     merged = OmegaConf.structured(RunConfig)
@@ -58,7 +65,7 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
         if "=" not in item:
             raise ConfigError(f"override '{item}': expected key=value, for example optim.lr=1e-5")
         key = item.split("=", 1)[0]
-        if OmegaConf.select(merged, key, default="__absent__") == "__absent__":
+        if OmegaConf.select(merged, key, default="__absent__") == "__absent__" and not _free_key(merged, key):
             raise ConfigError(f"override '{item}': unknown config key '{key}'")
         try:
             # parse the value as the dotlist syntax does, then assign it in place, so that list

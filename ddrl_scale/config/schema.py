@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Any
 
 
 class ConfigError(ValueError):
@@ -107,7 +108,7 @@ class SamplerSection:
 class RewardSpec:
     name: str = "caption_alignment"
     weight: float = 1.0
-    args: dict[str, float] = field(default_factory=dict)
+    args: dict[str, Any] = field(default_factory=dict)  # the reward's keyword arguments
 
 
 @dataclass
