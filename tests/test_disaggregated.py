@@ -208,3 +208,21 @@ def test_weights_checksum_ignores_order_and_sees_one_bit():
     flipped.view(torch.int32)[0] ^= 1  # the lowest mantissa bit of one number
     assert weights_checksum([("a", weights["a"]), ("b", flipped)]) != reference
     assert weights_checksum([("a", weights["a"]), ("c", weights["b"])]) != reference
+
+
+def test_roles_follow_ddrl_role_whatever_the_rank_order(monkeypatch: pytest.MonkeyPatch):
+    """The SLURM script sets DDRL_ROLE per node; a c10d rendezvous may number that node first."""
+    import torch.distributed as dist
+
+    from ddrl_scale.parallel.roles import assign_roles
+
+    store = dist.HashStore()
+    store.set("ddrl/role/0", "rollout")  # the other ranks' choices, already on the store
+    store.set("ddrl/role/1", "trainer")
+    monkeypatch.setenv("DDRL_ROLE", "trainer")
+    assert assign_roles(store, 2, 3, 1) == ["rollout", "trainer", "trainer"]
+    with pytest.raises(ConfigError, match="2 rollout ranks configured, but 1 ranks"):
+        assign_roles(store, 2, 3, 2)
+    monkeypatch.setenv("DDRL_ROLE", "reward")
+    with pytest.raises(ConfigError, match="DDRL_ROLE='reward'"):
+        assign_roles(store, 2, 3, 1)

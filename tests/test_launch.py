@@ -72,3 +72,42 @@ def test_launch_local_execs_torchrun(tmp_path):
                            "configs/demo_cpu.yaml", "--nproc", "2", "optim.lr=abc"],
                           capture_output=True, text=True)
     assert done.returncode == 2 and "optim.lr" in done.stderr
+
+
+def test_roles_are_placed_by_node():
+    """launch.rollout_nodes: the last training nodes export DDRL_ROLE=rollout; the frozen config
+    gets the matching rollout settings; a reward node is excluded from torchrun and waited for."""
+    from ddrl_scale.launch.slurm import place_roles
+
+    config = load_config("configs/demo_cpu.yaml", [
+        "parallel.engine=fsdp2", "launch.nodes=4", "launch.nproc_per_node=2", "launch.rollout_nodes=1",
+        "launch.reward_nodes=1", "launch.reward_args=--reward pkg.mod:Aesthetic --max-batch 8"])
+    placed = place_roles(config)
+    assert (placed.rollout.mode, placed.rollout.num_ranks) == ("disaggregated", 2)
+    script = render(placed, "/runs/x/launch/config.yaml")
+    assert "export TRAIN_NODES=3" in script and '--nnodes "$TRAIN_NODES"' in script
+    assert ('if [ "$SLURM_NODEID" -ge 2 ]; then export DDRL_ROLE=rollout; else export '
+            'DDRL_ROLE=trainer; fi;') in script
+    assert '--exclude="$REWARD_NODE"' in script
+    assert 'export DDRL_REWARD_URL="http://$REWARD_NODE:8400"' in script
+    assert "reward-serve --reward pkg.mod:Aesthetic --max-batch 8 --host 0.0.0.0 --port 8400" in script
+    assert '"$DDRL_REWARD_URL/health"' in script and 'kill "$REWARD_PID"' in script
+    check = subprocess.run(["bash", "-n"], input=script, capture_output=True, text=True)
+    assert check.returncode == 0, check.stderr
+    plain = _script()
+    assert "DDRL_ROLE" not in plain and "REWARD_NODE" not in plain and "export TRAIN_NODES=1" in plain
+
+
+@pytest.mark.parametrize(("overrides", "key"), [
+    (["launch.nodes=2", "launch.rollout_nodes=2"], "launch.rollout_nodes"),
+    (["launch.nodes=2", "launch.reward_nodes=1"], "launch.reward_args"),
+    (["launch.nodes=2", "launch.reward_nodes=1", "launch.reward_args=--reward x:Y",
+      "launch.rollout_nodes=1"], "launch.rollout_nodes"),
+    (["launch.nodes=3", "launch.nproc_per_node=2", "launch.rollout_nodes=1",
+      "rollout.mode=disaggregated", "rollout.num_ranks=3", "algo.prompts_per_step=6"], "rollout.num_ranks"),
+])
+def test_impossible_role_placement_names_the_key(overrides, key):
+    from ddrl_scale.launch.slurm import place_roles
+
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        place_roles(load_config("configs/demo_cpu.yaml", ["parallel.engine=fsdp2", *overrides]))

@@ -126,6 +126,44 @@ def test_preemption_warning_checkpoints_requeues_and_resumes(cluster, shards, tm
     assert re.search(r"resumed from \S+step_0000\d\d at step \d+", node_logs), node_logs[-3000:]
 
 
+def test_rollout_node_serves_the_trainer_node(cluster, shards, tmp_path):
+    """launch.rollout_nodes=1: node n2 runs the rollout rank, n1 the trainer; the run finishes with
+    checksum-verified publishes."""
+    run_dir = tmp_path / "run"
+    done, job = _launch(run_dir, f"data.generated_dir={shards}", "train.steps=3",
+                        "launch.rollout_nodes=1", "rollout.verify_publish=true")
+    assert job, done.stdout + done.stderr
+    info = _wait(job)
+    assert info["JobState"] == "COMPLETED", _logs(run_dir)
+    assert _steps(run_dir) == [1, 2, 3]
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["publish_checksum_ok"] == 1.0 and r["policy_lag"] == 0 for r in records)
+    worker = json.loads((run_dir / "rollout" / "worker0.json").read_text())
+    assert worker["slurm_node"] == "n2" and worker["state"] == "stopped", worker
+
+
+def test_reward_node_hosts_the_reward_service(cluster, shards, tmp_path):
+    """launch.reward_nodes=1: n2 runs `ddrl reward-serve`, the trainer on n1 scores through it."""
+    run_dir = tmp_path / "run"
+    env = dict(os.environ, DDRL_REWARD_TOKEN="slurm-test-token-0123456789")
+    done = subprocess.run(
+        [sys.executable, "-m", "ddrl_scale.cli", "launch", "slurm", "configs/demo_cpu.yaml", *_TINY,
+         "parallel.engine=none", "launch.nodes=2", "launch.reward_nodes=1",
+         "launch.reward_args=--reward caption_alignment", "launch.reward_port=18400",
+         "rewards.0.name=remote", f"run.output_dir={run_dir}", f"launch.log_dir={run_dir / 'logs'}",
+         "train.eval_prompts=0", "train.steps=2", f"data.generated_dir={shards}"],
+        cwd=REPO, capture_output=True, text=True, timeout=120, env=env)
+    job = re.search(r"submitted job (\d+)", done.stdout)
+    assert job, done.stdout + done.stderr
+    info = _wait(job.group(1))
+    assert info["JobState"] == "COMPLETED", _logs(run_dir)
+    assert _steps(run_dir) == [1, 2]
+    batch_log = (run_dir / "logs" / f"ddrl-{job.group(1)}.out").read_text()
+    assert "reward service up at http://n2:18400" in batch_log, batch_log
+    reward_log = (run_dir / "logs" / f"ddrl-{job.group(1)}-reward.out").read_text()
+    assert "listening on" in reward_log, reward_log
+
+
 @pytest.mark.parametrize(("extra", "message"), [
     (["--nodes", "3"], "Node count specification invalid|Requested node configuration is not available"),
     (["--partition", "nosuch"], "[Ii]nvalid partition"),

@@ -284,6 +284,10 @@ class LaunchSection:
     port: int = 29500  # torch rendezvous port on the head node
     signal_seconds: int = 120  # SIGUSR1 this long before the time limit: checkpoint and requeue
     requeue: bool = True  # requeue after a preemption warning (never after a failure)
+    rollout_nodes: int = 0  # the last N training nodes run rollout ranks (sets rollout.mode/num_ranks)
+    reward_nodes: int = 0  # 1 = the job's last node hosts `ddrl reward-serve` (no training ranks)
+    reward_args: str = ""  # reward-serve arguments on the reward node, e.g. "--reward pkg.mod:Class"
+    reward_port: int = 8400  # the reward node's port; training ranks get $DDRL_REWARD_URL
     env: dict[str, str] = field(default_factory=dict)  # extra environment, for example NCCL_*
 
     def __post_init__(self) -> None:
@@ -292,6 +296,14 @@ class LaunchSection:
         _check(self.gpus_per_node >= 0, "launch.gpus_per_node", ">= 0", self.gpus_per_node)
         _check(self.signal_seconds >= 0, "launch.signal_seconds", ">= 0", self.signal_seconds)
         _check(0 < self.port < 65536, "launch.port", "a TCP port", self.port)
+        _check(self.reward_nodes in (0, 1), "launch.reward_nodes", "0 or 1", self.reward_nodes)
+        _check(self.reward_nodes == 0 or self.reward_args.strip() != "", "launch.reward_args",
+               "the reward-serve arguments (--reward module:Class ...) when launch.reward_nodes=1",
+               self.reward_args)
+        _check(0 < self.reward_port < 65536, "launch.reward_port", "a TCP port", self.reward_port)
+        _check(0 <= self.rollout_nodes < self.nodes - self.reward_nodes, "launch.rollout_nodes",
+               f"0 <= rollout_nodes < launch.nodes - launch.reward_nodes = "
+               f"{self.nodes - self.reward_nodes} (some node must train)", self.rollout_nodes)
 
 
 @dataclass

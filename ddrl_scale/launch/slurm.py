@@ -54,6 +54,36 @@ def sbatch_header(config: RunConfig, array_size: int, dependency: str) -> list[s
     return [f"#SBATCH {line}" for line in lines]
 
 
+# the reward node: `ddrl reward-serve` on the job's last node, waited for before training starts
+REWARD_BLOCK = """REWARD_NODE=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | tail -n 1)
+export DDRL_REWARD_URL="http://$REWARD_NODE:{port}"
+srun --nodes=1 --ntasks=1 --nodelist="$REWARD_NODE" --output={log}/%x-%j-reward.out {container} \\
+  {python} -m ddrl_scale.cli reward-serve {args} --host 0.0.0.0 --port {port} &
+REWARD_PID=$!
+for _ in $(seq 1 600); do
+  {python} -c 'import sys, urllib.request; urllib.request.urlopen(sys.argv[1], timeout=2)' \\
+    "$DDRL_REWARD_URL/health" 2>/dev/null && break
+  kill -0 "$REWARD_PID" 2>/dev/null || {{ echo "$(date +%T) reward service on $REWARD_NODE exited"; exit 1; }}
+  sleep 1
+done
+echo "$(date +%T) reward service up at $DDRL_REWARD_URL"
+"""
+
+
+def place_roles(config: RunConfig) -> RunConfig:
+    """launch.rollout_nodes -> the rollout settings the roles need (in the frozen config)."""
+    launch = config.launch
+    if launch.rollout_nodes:
+        wanted = launch.rollout_nodes * launch.nproc_per_node
+        if config.rollout.mode == "disaggregated" and config.rollout.num_ranks not in (1, wanted):
+            raise ConfigError(f"config key 'rollout.num_ranks': {config.rollout.num_ranks}, but "
+                              f"launch.rollout_nodes={launch.rollout_nodes} x nproc_per_node="
+                              f"{launch.nproc_per_node} places {wanted} rollout ranks")
+        config.rollout.mode, config.rollout.num_ranks = "disaggregated", wanted
+        config = type(config)(**{f: getattr(config, f) for f in config.__dataclass_fields__})
+    return config
+
+
 def render(config: RunConfig, config_file: str | Path, sweeps: list[str] | None = None,
            dependency: str = "", python: str = sys.executable) -> str:
     """The sbatch script of a run whose expanded config is (or will be) at config_file."""
@@ -74,6 +104,18 @@ def render(config: RunConfig, config_file: str | Path, sweeps: list[str] | None 
         python = "python"
     env = "\n".join(f"export {key}={shlex.quote(str(value))}" for key, value in launch.env.items())
     threads = max(1, launch.cpus_per_node // launch.nproc_per_node) if launch.cpus_per_node else 1
+    train_nodes = launch.nodes - launch.reward_nodes
+    role = ""
+    if launch.rollout_nodes:  # the last rollout_nodes training nodes sample; roles go by node
+        role = (f'if [ "$SLURM_NODEID" -ge {train_nodes - launch.rollout_nodes} ]; then export '
+                f'DDRL_ROLE=rollout; else export DDRL_ROLE=trainer; fi; ')
+    reward = reward_stop = exclude = ""
+    if launch.reward_nodes:
+        log = shlex.quote(str(Path(launch.log_dir).resolve()))
+        reward = REWARD_BLOCK.format(port=launch.reward_port, log=log, container=container,
+                                     python=shlex.quote(python), args=launch.reward_args)
+        reward_stop = 'kill "$REWARD_PID" 2>/dev/null; wait "$REWARD_PID" 2>/dev/null\n'
+        exclude = '--exclude="$REWARD_NODE" '
     values = {
         "SBATCH": "\n".join(sbatch_header(config, len(combinations), dependency)),
         "RUN_DIR": shlex.quote(str(Path(config.run.output_dir).resolve())),
@@ -81,7 +123,8 @@ def render(config: RunConfig, config_file: str | Path, sweeps: list[str] | None 
         "THREADS": str(threads), "ENV": env, "ARRAY": array, "CONTAINER": container,
         "PYTHON": shlex.quote(python), "NPROC": str(launch.nproc_per_node),
         "CONFIG": shlex.quote(str(Path(config_file).resolve())), "OVERRIDES": "",
-        "REQUEUE": "true" if launch.requeue else "false",
+        "REQUEUE": "true" if launch.requeue else "false", "TRAIN_NODES": str(train_nodes),
+        "ROLE": role, "REWARD": reward, "REWARD_STOP": reward_stop, "EXCLUDE": exclude,
     }
     script = template()
     for key, value in values.items():
@@ -103,10 +146,13 @@ def submit(script: str) -> str:
 
 def launch(config: RunConfig, sweeps: list[str], chain: int, dry_run: bool) -> list[str]:
     """Render (and unless dry_run, submit) the job; chain > 1 submits dependent jobs in a row."""
-    ranks = config.launch.nodes * config.launch.nproc_per_node
+    config = place_roles(config)
+    launch_ = config.launch
+    ranks = (launch_.nodes - launch_.reward_nodes - launch_.rollout_nodes) * launch_.nproc_per_node
     if ranks > 1 and config.parallel.engine == "none":
-        raise ConfigError(f"launch.nodes x launch.nproc_per_node = {ranks} ranks need a sharded "
-                          f"engine: set parallel.engine=fsdp2, deepspeed or megatron")
+        raise ConfigError(f"{ranks} trainer ranks (launch.nodes - reward_nodes - rollout_nodes, times "
+                          f"nproc_per_node) need a sharded engine: set parallel.engine=fsdp2, "
+                          f"deepspeed or megatron")
     run_dir = Path(config.run.output_dir)
     config_file = run_dir / "launch" / "config.yaml"
     if dry_run:

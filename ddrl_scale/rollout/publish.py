@@ -88,9 +88,9 @@ def publish_weights(engine: Engine, roles: Roles, version: int, bucket_bytes: in
     try:
         return _publish(engine, roles, version, bucket_bytes, dtype, device, verify)
     except PeerError as error:
-        ranks = [roles.rollout_rank(j) for j in range(roles.num_rollout)]
-        raise PeerError(f"publish of weights version {version} to the rollout ranks (job ranks "
-                        f"{ranks}): {error}") from error
+        ranks = ", ".join(f"job rank {rank}" for rank in roles.rollout_ranks)
+        raise PeerError(f"publish of weights version {version} to the rollout ranks ({ranks}): "
+                        f"{error}") from error
 
 
 def _publish(engine: Engine, roles: Roles, version: int, bucket_bytes: int, dtype: torch.dtype,

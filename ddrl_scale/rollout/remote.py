@@ -95,11 +95,12 @@ class RemoteRollouts:
         for start, captions in shares:
             prompts[start: start + len(captions)] = captions
         for j, share in enumerate(self.worker_slices):
-            targets = []  # [trainer rank, first, end) of this worker's prompts, in its share
+            targets = []  # [trainer job rank, first, end) of this worker's prompts, in its share
             for trainer, mine in enumerate(self.prompt_slices):
                 common = overlap(share, mine)
                 if common is not None:
-                    targets.append([trainer, common[0] - share.start, common[1] - share.start])
+                    targets.append([self.roles.trainer_ranks[trainer], common[0] - share.start,
+                                    common[1] - share.start])
             self.channel.send(self.roles.rollout_rank(j), {
                 "op": "generate", "step": step, "first_prompt_index": share.start,
                 "prompts": prompts[share], "targets": targets})

@@ -36,7 +36,7 @@ logger = logging.getLogger(__name__)
 class RolloutWorker:
     def __init__(self, config: RunConfig, roles: Roles, world: World):
         self.config, self.roles, self.device = config, roles, world.device
-        self.index = roles.job_rank - roles.num_trainers
+        self.index = roles.rollout_ranks.index(roles.job_rank)
         # the weights come from the first publish; the architecture alone comes from the config
         self.model = VideoDiT(dit_config_from(config)).to(self.device, publish_dtype(config.run.dtype))
         self.model.eval().requires_grad_(False)
@@ -62,6 +62,7 @@ class RolloutWorker:
 
     def write_status(self, state: str, step: int | None = None) -> None:
         status = {"pid": os.getpid(), "host": socket.gethostname(), "job_rank": self.roles.job_rank,
+                  "slurm_node": os.environ.get("SLURMD_NODENAME"),
                   "state": state, "version": self.version, "step": step, "times": self.times}
         self.status_path.write_text(json.dumps(status))
 
@@ -90,7 +91,7 @@ class RolloutWorker:
         self.write_status("waiting")
         mark = time.perf_counter()
         while True:
-            order, _ = self.channel.recv(0, "order")
+            order, _ = self.channel.recv(self.roles.controller, "order")
             start = time.perf_counter()
             self.times["idle"] += start - mark
             if order["op"] == "stop":

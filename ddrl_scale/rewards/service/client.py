@@ -5,6 +5,7 @@ from __future__ import annotations
 import http.client
 import json
 import logging
+import os
 import random
 import time
 import urllib.parse
@@ -173,6 +174,8 @@ class RemoteReward(Reward):
 
         {name: remote, weight: 1, args: {url: "http://127.0.0.1:8765", token_env: DDRL_REWARD_TOKEN}}
 
+    Without ``url`` the address comes from ``$DDRL_REWARD_URL`` (``url_env``), which the SLURM
+    script sets when the job has a reward node (``launch.reward_nodes=1``).
     Give the token through ``token_env`` (default ``DDRL_REWARD_TOKEN``) or ``token_file``: a
     ``token`` written in the config would be saved with the run's expanded config.
 
@@ -181,10 +184,14 @@ class RemoteReward(Reward):
     ``submit`` returns, so the caller may reuse their memory at once.
     """
 
-    def __init__(self, url: str, token: str | None = None, token_env: str | None = DEFAULT_TOKEN_ENV,
+    def __init__(self, url: str = "", token: str | None = None, token_env: str | None = DEFAULT_TOKEN_ENV,
                  token_file: str | None = None, timeout_s: float = 60.0, retries: int = 3,
                  backoff_s: float = 0.5, max_backoff_s: float = 30.0, wire_dtype: str = "float16",
-                 max_in_flight: int = 2) -> None:
+                 max_in_flight: int = 2, url_env: str = "DDRL_REWARD_URL") -> None:
+        # no url: take it from the environment, where the SLURM script puts the reward node's
+        url = url or os.environ.get(url_env, "")
+        if not url:
+            raise ValueError(f"remote reward: no url given and ${url_env} is not set")
         if max_in_flight < 1:
             raise ValueError(f"remote reward: max_in_flight must be >= 1, got {max_in_flight}")
         secret = resolve_token(token, token_file, token_env, where=f"remote reward {url}")
