@@ -126,6 +126,20 @@ def test_preemption_warning_checkpoints_requeues_and_resumes(cluster, shards, tm
     assert re.search(r"resumed from \S+step_0000\d\d at step \d+", node_logs), node_logs[-3000:]
 
 
+def test_chain_runs_dependent_jobs_that_continue_the_run(cluster, shards, tmp_path):
+    """--chain 2: the second job waits for the first (afterany) and resumes its last checkpoint."""
+    run_dir = tmp_path / "run"
+    done, _ = _launch(run_dir, f"data.generated_dir={shards}", "train.steps=2", "--chain", "2")
+    jobs = re.findall(r"submitted job (\d+)", done.stdout)
+    assert len(jobs) == 2, done.stdout + done.stderr
+    assert _job(jobs[1]).get("Dependency", "").startswith(f"afterany:{jobs[0]}")
+    for job in jobs:
+        assert _wait(job)["JobState"] == "COMPLETED", _logs(run_dir)
+    assert _steps(run_dir) == [1, 2]
+    second = "".join(p.read_text() for p in (run_dir / "logs").glob(f"ddrl-{jobs[1]}-node*.out"))
+    assert re.search(r"resumed from \S+step_000002 at step 2", second), second[-3000:]
+
+
 def test_rollout_node_serves_the_trainer_node(cluster, shards, tmp_path):
     """launch.rollout_nodes=1: node n2 runs the rollout rank, n1 the trainer; the run finishes with
     checksum-verified publishes."""
