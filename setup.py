@@ -19,7 +19,7 @@ EXTRAS = {
     "megatron": ["megatron-core==0.16.1"],
     "triton": ["triton==3.9.0"],
     "flash": ["flash-attn>=2.6"],  # GPU only: builds against a CUDA torch
-    "video": ["av>=12"],
+    "video": ["av==18.1.0"],  # PyAV with ffmpeg inside the wheel (ddrl data prepare)
     "telemetry": ["nvidia-ml-py==13.615.71", "psutil>=5.9"],
     "dev": ["pytest>=8", "pytest-timeout>=2.3", "ruff>=0.6"],
 }

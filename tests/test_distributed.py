@@ -40,8 +40,10 @@ TIMEOUT_S = 240  # per launched run
 LOSS_KEYS = ("reward_mean", "policy_loss", "data_loss", "loss", "grad_norm")
 REL, ABS = 1e-5, 1e-6
 W_RTOL, W_ATOL = 1e-5, 1e-6
-# keys that legitimately differ between two runs of the same computation (wall-clock timings)
-TIMING_KEYS = ("time_data", "time_rollout", "time_train", "time_step", "samples_per_s")
+# keys that legitimately differ between two runs of the same computation (wall-clock timings,
+# rates and machine telemetry)
+TIMING_KEYS = ("samples_per_s", "video_tokens_per_s", "mfu", "cpu_percent", "rss_gb", "rss_gb_max")
+TIMING_PREFIXES = ("time_", "gpu")
 
 # sampler.num_steps=8 (conftest: 4) makes a step long enough (~0.5 s) for the kill test to stop the
 # run between the step-2 and the step-3 checkpoints; every shared run uses it so they all compare
@@ -168,7 +170,7 @@ def _assert_weights_close(got_dir: Path, want_dir: Path, step: int, what: str) -
 
 
 def _deterministic(record: dict) -> dict:
-    return {k: v for k, v in record.items() if k not in TIMING_KEYS}
+    return {k: v for k, v in record.items() if k not in TIMING_KEYS and not k.startswith(TIMING_PREFIXES)}
 
 
 # -- shared runs ----------------------------------------------------------------------------------

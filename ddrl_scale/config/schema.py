@@ -182,9 +182,12 @@ class TrainSection:
     eval_seed: int = 1234  # fixes the eval prompts and the initial noise, the same before and after
     resume: str = "auto"  # auto (latest checkpoint of run.output_dir, if any) | none | a checkpoint dir
     progress: bool = True
+    telemetry_interval_s: float = 5.0  # GPU (NVML) or CPU (psutil) sampling into the metrics; 0 = off
 
     def __post_init__(self) -> None:
         _check(self.steps >= 0, "train.steps", ">= 0", self.steps)
+        _check(self.telemetry_interval_s >= 0, "train.telemetry_interval_s", ">= 0",
+               self.telemetry_interval_s)
         _check(self.log_every >= 1, "train.log_every", ">= 1", self.log_every)
         _check(self.save_every >= 0, "train.save_every", ">= 0", self.save_every)
         _check(self.keep_last >= 1, "train.keep_last", ">= 1", self.keep_last)

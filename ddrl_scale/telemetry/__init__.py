@@ -1,1 +1,2 @@
-"""Throughput accounting: model FLOPs of a DDRL iteration and the measured matmul peak (for MFU)."""
+"""Telemetry: model FLOPs and MFU, device telemetry (NVML, or psutil without it), per-step phase
+timers, CPU peak-memory measurement, and the `ddrl plan` parallel-plan model."""

@@ -12,7 +12,6 @@ import copy
 import dataclasses
 import json
 import logging
-import time
 from collections import deque
 from pathlib import Path
 
@@ -34,6 +33,9 @@ from ddrl_scale.rewards import WeightedRewards
 from ddrl_scale.rollout import RolloutBatch, generate_rollouts
 from ddrl_scale.rollout.remote import RemoteRollouts
 from ddrl_scale.runtime import autocast, seed_everything
+from ddrl_scale.telemetry.gpu import TelemetrySampler
+from ddrl_scale.telemetry.throughput import RUN_DTYPES, device_peak_flops, step_throughput
+from ddrl_scale.telemetry.timers import PhaseTimer
 from ddrl_scale.train.anchor_data import demo_shards
 from ddrl_scale.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from ddrl_scale.train.evaluate import EvalResult, eval_prompts, evaluate
@@ -41,6 +43,20 @@ from ddrl_scale.train.metrics import MetricsWriter
 from ddrl_scale.train.preemption import StopRequest
 
 logger = logging.getLogger(__name__)
+
+
+class TimedRewards:
+    """The run's WeightedRewards, its scoring timed as the 'reward' phase."""
+
+    def __init__(self, rewards: WeightedRewards, timer: PhaseTimer):
+        self.rewards, self.timer = rewards, timer
+
+    def __call__(self, videos: torch.Tensor, prompts: list[str]) -> dict[str, torch.Tensor]:
+        with self.timer.phase("reward"):
+            return self.rewards(videos, prompts)
+
+    def __getattr__(self, name: str):
+        return getattr(self.rewards, name)
 
 
 def local_slice(total: int, world: World, model_parallel: int, what: str) -> slice:
@@ -85,6 +101,9 @@ class Trainer:
         video = config.video
         self.latent_shape = (video.channels, video.num_frames, video.height, video.width)
         self.step = 0
+        # phases of each step; on a GPU every boundary synchronises so kernels land where launched
+        self.timer = PhaseTimer(synchronize=self.device.type == "cuda", device=self.device)
+        self.peak_flops = device_peak_flops(self.device, RUN_DTYPES[config.run.dtype])
         # read-ahead anchor batches (step, batch, loader state before it) whose rollouts are ordered
         self.pending: deque[tuple[int, AnchorBatch, dict]] = deque()
         self.remote = None
@@ -109,7 +128,8 @@ class Trainer:
 
     def rollout(self, batch: AnchorBatch) -> RolloutBatch:
         # each group's prompt is its paired data item's caption (the released recipe)
-        return generate_rollouts(self.velocity, self.encode_text, self.vae.decode, self.rewards,
+        return generate_rollouts(self.velocity, self.encode_text, self.vae.decode,
+                                 TimedRewards(self.rewards, self.timer),
                                  batch.captions, self.latent_shape, self.sigmas, self.config.sampler,
                                  self.config.algo, self.config.run.seed, self.step,
                                  self.prompt_slice.start, self.device)
@@ -132,8 +152,9 @@ class Trainer:
             items = list(range(self.prompt_slice.start, self.prompt_slice.start + x0.shape[0]))
             noise, sigma = data_term_draws(x0.shape[1:], items, self.config.run.seed, self.step,
                                            index, device=self.device)
-        v_pred = self.engine.forward(add_noise(x0, noise, sigma), sigma,
-                                     self.encode_text(batch.captions))
+        with self.timer.phase("forward"):
+            v_pred = self.engine.forward(add_noise(x0, noise, sigma), sigma,
+                                         self.encode_text(batch.captions))
         return flow_matching_loss(v_pred, x0, noise)
 
     def optimize(self, batch: AnchorBatch, rollouts: RolloutBatch) -> dict[str, float]:
@@ -143,8 +164,9 @@ class Trainer:
         for position, index in enumerate(steps):
             x, sigma = trajectory.states[index], float(self.sigmas[index])
             sigma_next = float(self.sigmas[index + 1])
-            v = self.engine.forward(x, torch.full((x.shape[0],), sigma, device=self.device),
-                                    rollouts.text)
+            with self.timer.phase("forward"):
+                v = self.engine.forward(x, torch.full((x.shape[0],), sigma, device=self.device),
+                                        rollouts.text)
             _, log_prob, mean, std = sde_step(v, x, sigma, sigma_next, self.config.sampler.noise_level,
                                               prev_sample=trajectory.states[index + 1])
             kl = None
@@ -163,12 +185,14 @@ class Trainer:
                 policy_weight=settings.policy_weight, data_beta=settings.data_beta if wants_data else 0.0,
                 kl_beta=settings.kl_beta, loss_scale=settings.loss_scale,
                 data_loss=self.data_loss(batch, rollouts, index) if wants_data else None, kl=kl)
-            self.engine.backward(loss / len(steps))
+            with self.timer.phase("backward"):
+                self.engine.backward(loss / len(steps))
             for key, value in stats.items():
                 totals.setdefault(key, []).append(float(value))
         metrics = {key: sum(values) / len(values) for key, values in totals.items()}
         metrics["ratio_max_dev"] = max(totals["ratio_max_dev"])
-        metrics["grad_norm"] = self.engine.step()
+        with self.timer.phase("optimizer"):
+            metrics["grad_norm"] = self.engine.step()
         return metrics
 
     def run_evaluation(self) -> EvalResult:
@@ -211,34 +235,35 @@ class Trainer:
                 self.remote.request(step, batch)
 
     def iteration(self) -> dict[str, float]:
-        start = time.perf_counter()
-        self.fill_pipeline()
-        step, batch, _ = self.pending.popleft()
-        data_time = time.perf_counter()
-        if self.remote is None:
-            rollouts, remote_metrics = self.rollout(batch), {}
-        else:
-            rollouts, remote_metrics = self.remote.receive(step, batch)
-        rollout_time = time.perf_counter()
-        metrics = self.optimize(batch, rollouts)
+        timer = self.timer
+        timer.start_step()
+        with timer.phase("data"):
+            self.fill_pipeline()
+            step, batch, _ = self.pending.popleft()
+        with timer.phase("rollout"):  # disaggregated: the wait for the rollout ranks' trajectories
+            if self.remote is None:
+                rollouts, metrics = self.rollout(batch), {}
+            else:
+                rollouts, metrics = self.remote.receive(step, batch)
+        metrics.update(self.optimize(batch, rollouts))
         self.step += 1
-        publish = self.remote.after_step(self.step) if self.remote is not None else 0.0
-        end = time.perf_counter()
-        metrics.update(remote_metrics)
         if self.remote is not None:
-            metrics.update(time_publish=publish,
-                           trainer_idle_fraction=remote_metrics["time_rollout_wait"] / (end - start))
-        num_samples = len(rollouts.prompts) * self.world.world_size // self.model_parallel
+            with timer.phase("publish"):
+                self.remote.after_step(self.step)
+        timing = timer.step_metrics()
+        if self.remote is not None:
+            metrics["trainer_idle_fraction"] = timing["time_rollout"] / timing["time_step"]
         rewards = rollouts.total_reward
         metrics.update(
             reward_mean=rewards.mean().item(), reward_square_mean=rewards.square().mean().item(),
-            advantage_abs_mean=rollouts.advantages.abs().mean().item(), lr=self.engine.lr,
-            time_data=data_time - start, time_rollout=rollout_time - data_time,
-            time_train=end - rollout_time - publish, time_step=end - start,
-            samples_per_s=num_samples / (end - start),
+            advantage_abs_mean=rollouts.advantages.abs().mean().item(), lr=self.engine.lr, **timing,
+            time_train=sum(timing.get(f"time_{name}", 0.0) for name in ("forward", "backward", "optimizer")),
+            **step_throughput(self.config, timing["time_step"], self.peak_flops,
+                              self.world.world_size),
             **{f"reward_{name}_mean": value.mean().item() for name, value in rollouts.rewards.items()})
         # means over ranks are global means (equal shares); the std is rebuilt from E[r^2] - E[r]^2
         metrics = reduce_metrics(metrics, self.world)
+        num_samples = len(rollouts.prompts) * self.world.world_size // self.model_parallel
         variance = max(0.0, metrics.pop("reward_square_mean") - metrics["reward_mean"] ** 2)
         metrics["reward_std"] = (variance * num_samples / max(1, num_samples - 1)) ** 0.5
         # counters are the same on every rank and stay integers
@@ -255,6 +280,8 @@ class Trainer:
         writer = MetricsWriter(self.run_dir / "metrics.jsonl", resume_step=self.step) if main else None
         progress = tqdm(total=config.train.steps, initial=self.step, desc="ddrl",
                         disable=not (config.train.progress and main))
+        interval = config.train.telemetry_interval_s
+        telemetry = TelemetrySampler(interval).start() if main and interval > 0 else None
         finished = True
         if self.remote is not None:
             self.remote.publish(self.step)  # the rollout ranks start from the trainers' weights
@@ -262,17 +289,20 @@ class Trainer:
             metrics = self.iteration()
             logged = self.step % config.train.log_every == 0 or self.step == config.train.steps
             if writer is not None and logged:
-                writer.write(metrics)
+                writer.write({**metrics, **(telemetry.snapshot() if telemetry else {})})
             progress.update(1)
             progress.set_postfix(reward=f"{metrics['reward_mean']:.3f}",
                                  data=f"{metrics.get('data_loss', float('nan')):.3f}")
             if config.train.save_every and self.step % config.train.save_every == 0:
-                self.save()
+                with self.timer.phase("checkpoint"):  # counted in the next step's metrics
+                    self.save()
             if self.step < config.train.steps and stop.requested():
                 logger.warning("preemption requested: checkpointing step %d and stopping", self.step)
                 finished = False
                 break
         progress.close()
+        if telemetry is not None:
+            telemetry.stop()
         if self.remote is not None:
             self.remote.close()
         if writer is not None:

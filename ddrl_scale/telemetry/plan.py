@@ -1,0 +1,743 @@
+"""`ddrl plan`: memory per GPU, communication per step, step time and MFU of parallel plans.
+
+Given a DiT (layers, width, heads), a video shape, a DDRL iteration (prompts, group size, sampler
+steps), a cluster (GPU type, GPUs per node, nodes) and the plans the framework's engines can run
+(fsdp2: FSDP / HSDP shard groups, Ulysses context parallel, activation checkpointing; megatron:
+tensor parallel x replicated data parallel; optional separate rollout ranks), it predicts what
+each plan costs, rejects those that cannot run (naming why) and ranks the rest by step time.
+
+The memory model counts what the framework's code keeps, per GPU (tested against measured peak
+tensor memory of real CPU training steps in tests/test_plan.py):
+- parameters, gradients (fp32), AdamW moments (2 x fp32), EMA (fp32), split over TP for the
+  projections and sharded over the FSDP group; a Flow-GRPO KL reference is an unsharded fp32 copy;
+- FSDP's all-gathered blocks (two in flight) and the unsharded root parameters;
+- activations saved for backward per DiT block, counted from the block's code: ~24 x tokens x
+  width + 2 x tokens x MLP width per sample (18 of the 24 and the MLP part split by TP), plus
+  per-head and text terms; with activation checkpointing one block input per block, plus one
+  block recomputed during backward;
+- the rollout trajectory (sampler states) and decoded videos kept for the loss;
+- gradients alive during the forward when several denoising steps accumulate into one step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from dataclasses import asdict, dataclass, field, replace
+
+from ddrl_scale.config import ConfigError, RunConfig, load_config
+from ddrl_scale.models import dit_config_from
+from ddrl_scale.models.dit import DiTConfig
+from ddrl_scale.telemetry.devices import DEVICES, DeviceSpec, device_spec
+from ddrl_scale.telemetry.flops import ddrl_iteration_flops
+
+GB = 1e9
+MEMORY_PARTS = ("parameters", "gradients", "optimizer", "ema", "reference", "buffers", "fsdp_gathered",
+                "trajectory", "activations")
+PUBLISH_BUCKET_BYTES = 256e6  # rollout.publish_bucket_mb's default: the receive buffer
+
+
+# -- what is computed -----------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Workload:
+    """One DDRL iteration of one model: shapes, batch and the FLOPs it needs (global)."""
+
+    dit: DiTConfig
+    prompts_per_step: int
+    group_size: int
+    sampler_steps: int
+    trained_steps: int  # denoising steps trained per iteration (backward passes)
+    data_forwards: int  # data-term forwards per iteration (0, 1 or trained_steps)
+    kl_reference: bool  # Flow-GRPO's reverse KL keeps a frozen reference copy
+    ema: bool
+    dtype: str  # fp32 | bf16
+    pixel_elements: int  # elements of one decoded video (what the rewards score)
+    flops: dict[str, float] = field(default_factory=dict)  # rollout / policy / data, global
+
+    @classmethod
+    def from_config(cls, config: RunConfig, pixel_shape: tuple[int, ...] | None = None) -> Workload:
+        """pixel_shape: a decoded video's (C, T, H, W); None = the latent shape (the pixel VAE)."""
+        algo, steps = config.algo, config.sampler.num_steps
+        trained = len(range(algo.train_timestep_offset, steps, algo.train_timestep_stride))
+        if trained == 0:
+            raise ConfigError("algo.train_timestep_offset leaves no sampling step to train on")
+        data = 0 if algo.data_beta == 0 else (1 if algo.data_on_first_only else trained)
+        video = config.video
+        pixels = pixel_shape or (3, video.num_frames, video.height, video.width)
+        return cls(dit=dit_config_from(config), prompts_per_step=algo.prompts_per_step,
+                   group_size=algo.group_size, sampler_steps=steps, trained_steps=trained,
+                   data_forwards=data, kl_reference=algo.kl_beta > 0, ema=config.optim.ema_decay > 0,
+                   dtype=config.run.dtype, pixel_elements=math.prod(pixels),
+                   flops=ddrl_iteration_flops(config))
+
+    @property
+    def samples(self) -> int:
+        return self.prompts_per_step * self.group_size
+
+    @property
+    def latent_elements(self) -> int:
+        dit = self.dit
+        return dit.in_channels * dit.num_frames * dit.height * dit.width
+
+
+def block_parameter_counts(dit: DiTConfig) -> tuple[int, int]:
+    """(all, tensor-parallel split) parameters of one DiT block, counted from models/dit.py.
+
+    Megatron splits q/k/v and the first MLP layer by output (weight and bias) and the attention
+    outputs and second MLP layer by input (weight only); norms and adaLN stay whole.
+    """
+    d, m, head_dim = dit.hidden_size, dit.mlp_hidden, dit.hidden_size // dit.num_heads
+    qk_norms = 2 * head_dim if dit.qk_norm else 0
+    attention = 4 * (d * d + d) + qk_norms  # query, key, value, out (key/value from width d)
+    total = 2 * attention + 2 * d + (d * m + m + m * d + d) + (d * 6 * d + 6 * d)  # + norm2 affine
+    split = 2 * (3 * (d * d + d) + d * d) + (d * m + m) + m * d
+    return total, split
+
+
+def parameter_counts(dit: DiTConfig) -> tuple[int, int]:
+    """(all, tensor-parallel split) parameters of the VideoDiT."""
+    d, patch_in = dit.hidden_size, dit.in_channels * math.prod(dit.patch_size)
+    block_total, block_split = block_parameter_counts(dit)
+    outside = (patch_in * d + d) + 2 * (d * d + d) + (dit.text_dim * d + d + d * d + d) \
+        + (d * 2 * d + 2 * d) + (d * patch_in + patch_in)
+    return outside + dit.depth * block_total, dit.depth * block_split
+
+
+# -- how it is spread -----------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ParallelPlan:
+    """trainers: ranks that train (the cluster's GPUs minus rollout_ranks). shard: FSDP shard group
+    size (trainers / shard = HSDP replicas); TP runs on the megatron engine (no sharding)."""
+
+    trainers: int
+    tp: int = 1
+    cp: int = 1
+    shard: int = 1
+    activation_checkpointing: bool = False
+    rollout_ranks: int = 0
+
+    @property
+    def engine(self) -> str:
+        return "megatron" if self.tp > 1 else "fsdp2"
+
+    @property
+    def data_parallel(self) -> int:
+        """Ranks with different samples: trainers / (TP x CP)."""
+        return self.trainers // (self.tp * self.cp)
+
+    @property
+    def replicate(self) -> int:
+        return self.trainers // self.shard
+
+    def describe(self) -> str:
+        if self.tp > 1:
+            parts = [f"TP{self.tp} x DP{self.data_parallel}"]
+        else:
+            sharding = (f"FSDP{self.shard}" if self.replicate == 1 else
+                        f"DDP{self.trainers}" if self.shard == 1 else
+                        f"HSDP {self.replicate}x{self.shard}")
+            parts = [f"CP{self.cp} {sharding}" if self.cp > 1 else sharding]
+        if self.activation_checkpointing:
+            parts.append("+AC")
+        if self.rollout_ranks:
+            parts.append(f"+{self.rollout_ranks} rollout")
+        return " ".join(parts)
+
+
+@dataclass(frozen=True)
+class Cluster:
+    device: DeviceSpec
+    gpus_per_node: int
+    nodes: int
+
+    @property
+    def gpus(self) -> int:
+        return self.gpus_per_node * self.nodes
+
+    def bandwidth(self, group_size: int, stride: int) -> tuple[float, str]:
+        """Per-direction GB/s of a group of `group_size` ranks `stride` apart (ranks fill nodes in
+        order): the NIC when the group spans nodes, else the intra-node link."""
+        if group_size * stride > self.gpus_per_node:
+            return self.device.inter_node_gb_s, "inter"
+        return self.device.intra_node_gb_s, "intra"
+
+
+@dataclass(frozen=True)
+class Assumptions:
+    compute_efficiency: float = 0.5  # fraction of peak the DiT's matmuls reach
+    comm_efficiency: float = 0.8  # fraction of link bandwidth collectives reach (large messages)
+    usable_memory_fraction: float = 0.9  # the rest: CUDA context, NCCL buffers, fragmentation
+    policy_lag: int = 0  # rollout.max_policy_lag: > 0 lets separate rollout ranks overlap training
+
+    def describe(self, workload: Workload, cluster: Cluster) -> list[str]:
+        device = cluster.device
+        mode = "bf16" if workload.dtype == "bf16" else "fp32"
+        return [
+            f"device {device.name}: {device.memory_gb:.0f} GB, {mode} peak "
+            f"{device.peak_flops[mode] / 1e12:.1f} TFLOP/s (dense), links: {device.intra_node_gb_s:g} "
+            f"GB/s inside a node ({device.intra_node_link}), {device.inter_node_gb_s:g} GB/s between "
+            f"nodes ({device.inter_node_link}), per GPU and direction",
+            f"compute at {self.compute_efficiency:.0%} of peak; collectives at "
+            f"{self.comm_efficiency:.0%} of link bandwidth (ring algorithms)",
+            f"memory: {self.usable_memory_fraction:.0%} of the device is usable; fp32 master "
+            "weights, gradients, AdamW moments and EMA, sharded by FSDP, split by TP",
+            "activations: counted from the DiT block's saved tensors (eager PyTorch, fused "
+            "attention; checked within 20% of measured CPU peaks); bf16 runs keep them in bf16 "
+            "(CPU autocast keeps some in fp32: not modelled); each rank puts its whole share of "
+            "the batch through one forward per trained step (the trainer has no micro-batches)",
+            "FLOPs: the DiT's matmuls (elementwise work left out); TP and CP split them evenly "
+            "(the few replicated layers are not counted twice); checkpointing adds a forward",
+            "FSDP/HSDP/DP traffic overlaps compute (only the excess over compute time shows); "
+            "TP and CP collectives and weight publishing are on the critical path",
+            "FSDP gathers parameters for every forward (rollout steps included) and again in "
+            "backward, and reduce-scatters gradients once per forward with grad",
+            "separate rollout ranks hold a whole inference copy; with policy lag 0 rollouts and "
+            "training take turns, with lag > 0 they overlap (step = the slower of the two)"
+            + f" [lag {self.policy_lag}]",
+            "ranks are laid out TP innermost, then CP, then the FSDP shard group; a group that "
+            "does not fit in one node runs at the inter-node bandwidth",
+            "engines: fsdp2 (FSDP/HSDP, CP, checkpointing) and megatron (TP x replicated DP) as "
+            "the framework runs them; DeepSpeed ZeRO is not modelled (ZeRO-3 ~ FSDP)",
+        ]
+
+
+# -- the model ------------------------------------------------------------------------------------
+def activation_elements(workload: Workload, plan: ParallelPlan) -> dict[str, float]:
+    """Saved-for-backward elements per sample on one rank, and per forward independent of batch.
+
+    Counted from models/dit.py under eager PyTorch with fused attention (nothing N x N is saved):
+    per block 24 tokens x width tensors (LayerNorm inputs, modulated inputs, projection inputs
+    and outputs, QK-norm inputs, rotated q/k, v, attention output, gates' operands) and the MLP's
+    GELU input and output (2 x tokens x MLP width); TP splits the head-wise ones (14 of 24) and the
+    MLP; CP splits the tokens.
+    """
+    dit, tp, cp = workload.dit, plan.tp, plan.cp
+    d, heads, text = dit.hidden_size, dit.num_heads, dit.max_text_tokens
+    tokens, local = dit.num_tokens, dit.num_tokens / cp
+    patch_in = dit.in_channels * math.prod(dit.patch_size)
+    block = (local * d * (10 + 14 / tp) + 2 * local * dit.mlp_hidden / tp
+             + local * (5 * heads / tp + 6)  # logsumexp and QK-norm rstd per head; LayerNorm stats
+             + 4 * text * d / tp)  # cross-attention key / value side
+    outside = (3 * local * d + 2 * tokens * patch_in  # final layer; patch input and gathered output
+               + 2 * text * d + text * dit.text_dim  # text embedding
+               + 4 * workload.latent_elements)  # velocity, SDE log-prob and loss terms
+    checkpointed = local * d  # a checkpointed block keeps only its input
+    rope = 2 * tokens * (d // heads)  # cos / sin of q and k, per block, shared by the batch
+    per_sample = dit.depth * (checkpointed if plan.activation_checkpointing else block) + outside
+    return {"per_sample": per_sample, "block_per_sample": block,
+            "per_forward": dit.depth * rope, "block_per_forward": rope}
+
+
+def trajectory_bytes_per_sample(workload: Workload) -> float:
+    """A rollout's fp32 tensors kept for the loss: states (S + 1), transition means (S), initial
+    noise, and the decoded video the rewards scored."""
+    steps = workload.sampler_steps
+    return 4.0 * ((2 * steps + 2) * workload.latent_elements + workload.pixel_elements)
+
+
+def inference_elements(workload: Workload, plan: ParallelPlan) -> float:
+    """Temporaries of a forward without grad, per sample: the largest block stage (the MLP's hidden
+    activation before and after GELU) and a few token x width tensors around it."""
+    dit = workload.dit
+    local = dit.num_tokens / plan.cp
+    return 2 * local * dit.mlp_hidden / plan.tp + 6 * local * dit.hidden_size
+
+
+def estimate_memory(workload: Workload, plan: ParallelPlan, on_gpu: bool = True) -> dict[str, float]:
+    """Peak bytes on one training rank (and on a rollout rank), by component.
+
+    on_gpu: GPU runs gather FSDP parameters in bf16 when the run is bf16 and AdamW's foreach path
+    allocates a state-sized temporary in the step; on CPUs both stay fp32 / per tensor.
+    """
+    dit = workload.dit
+    total_params, split_params = parameter_counts(dit)
+    rank_params = split_params / plan.tp + (total_params - split_params)
+    shard = 1 if plan.tp > 1 else plan.shard
+    act_bytes = 2 if workload.dtype == "bf16" else 4
+    gather_bytes = 2 if workload.dtype == "bf16" and on_gpu else 4
+    out: dict[str, float] = {
+        "parameters": 4 * rank_params / shard,
+        "optimizer": 8 * rank_params / shard,
+        "ema": 4 * rank_params / shard if workload.ema else 0.0,
+        "reference": 4 * total_params if workload.kl_reference else 0.0,
+        "buffers": 4 * dit.num_tokens * (dit.hidden_size // dit.num_heads) / 2,  # rotary angles
+    }
+    gradients = 4 * rank_params / shard
+    block_params = block_parameter_counts(dit)[0] - block_parameter_counts(dit)[1] * (1 - 1 / plan.tp)
+    root_params = rank_params - dit.depth * block_params
+    out["fsdp_gathered"] = 0.0 if shard == 1 else (
+        (root_params + 2 * block_params) * gather_bytes + 4 * block_params)
+    samples = workload.samples / plan.data_parallel  # this rank's rollout samples
+    data_samples = workload.prompts_per_step / plan.data_parallel if workload.data_forwards else 0
+    out["trajectory"] = samples * trajectory_bytes_per_sample(workload)
+    elements = activation_elements(workload, plan)
+    batch = samples + data_samples
+    forwards = 2 if data_samples else 1  # each forward call recomputes its rotary tables
+    activations = batch * elements["per_sample"] + forwards * elements["per_forward"]
+    if plan.activation_checkpointing:  # backward recomputes one block of the larger forward
+        activations += samples * elements["block_per_sample"] + elements["block_per_forward"]
+    out["activations"] = activations * act_bytes
+    # with several trained steps, gradients from the previous backward live through the forward
+    accumulating = workload.trained_steps > 1
+    step_transient = 4 * rank_params / shard if on_gpu else 0.0
+    static = sum(out.values()) - out["activations"]
+    out["gradients"] = gradients
+    out["train_peak"] = static + max(out["activations"] + (gradients if accumulating else 0.0),
+                                     gradients + step_transient)
+    out["rollout_peak"] = static + samples * inference_elements(workload, plan) * act_bytes
+    out["total"] = max(out["train_peak"], out["rollout_peak"])
+    if plan.rollout_ranks:
+        copy_bytes = 2 if workload.dtype == "bf16" else 4
+        rollout_samples = workload.samples / plan.rollout_ranks
+        out["rollout_rank_total"] = (
+            copy_bytes * total_params + PUBLISH_BUCKET_BYTES + out["buffers"]
+            + rollout_samples * trajectory_bytes_per_sample(workload)
+            + rollout_samples * inference_elements(workload, ParallelPlan(1)) * act_bytes)
+    return out
+
+
+def _ring(size: int) -> float:
+    """Fraction of a buffer each rank sends in a ring all-gather or reduce-scatter of `size` ranks."""
+    return (size - 1) / size
+
+
+def communication(workload: Workload, plan: ParallelPlan, cluster: Cluster) -> dict[str, dict]:
+    """Bytes each training rank sends per iteration, by kind, with the link each kind runs on.
+
+    Returns {kind: {"bytes": float, "link": "intra"|"inter", "gb_s": link GB/s}}; kinds: fsdp
+    (parameter all-gathers, gradient reduce-scatters), replicate (HSDP / megatron data-parallel
+    gradient all-reduce), tp (activation all-reduces), cp (Ulysses all-to-alls), publish (weights
+    to the rollout ranks).
+    """
+    dit = workload.dit
+    total_params, split_params = parameter_counts(dit)
+    rank_params = split_params / plan.tp + (total_params - split_params)
+    bf16 = workload.dtype == "bf16"
+    act_bytes, gather_bytes = (2, 2) if bf16 else (4, 4)
+    samples = workload.samples / plan.data_parallel
+    data_samples = workload.prompts_per_step / plan.data_parallel if workload.data_forwards else 0
+    grad_forwards = workload.trained_steps + workload.data_forwards
+    rollout_forwards = 0 if plan.rollout_ranks else workload.sampler_steps
+    out: dict[str, dict] = {}
+
+    def add(kind: str, volume: float, group: int, stride: int) -> None:
+        if volume > 0 and group > 1:
+            gb_s, link = cluster.bandwidth(group, stride)
+            out[kind] = {"bytes": volume, "link": link, "gb_s": gb_s}
+
+    if plan.tp == 1 and plan.shard > 1:
+        gather = _ring(plan.shard) * rank_params * gather_bytes
+        scatter = _ring(plan.shard) * rank_params * 4  # gradients reduce in fp32
+        add("fsdp", (2 * grad_forwards + rollout_forwards) * gather + grad_forwards * scatter,
+            plan.shard, 1)
+    replicas = plan.data_parallel if plan.tp > 1 else plan.replicate
+    if replicas > 1:  # an all-reduce moves twice a reduce-scatter
+        shard = 1 if plan.tp > 1 else plan.shard
+        reductions = 1 if plan.tp > 1 else grad_forwards  # megatron: once per step; FSDP: per pass
+        add("replicate", reductions * 2 * _ring(replicas) * rank_params / shard * 4, replicas,
+            plan.tp * (1 if plan.tp > 1 else plan.shard))
+    tokens_dim = dit.num_tokens * dit.hidden_size * act_bytes  # one sample's token x width tensor
+    if plan.tp > 1:
+        text_dim = dit.max_text_tokens * dit.hidden_size * act_bytes
+        forward = 3 * tokens_dim  # attention outputs and the second MLP layer (row parallel)
+        backward = 5 * tokens_dim + 2 * text_dim  # input gradients of the column-parallel layers
+        trained = workload.trained_steps * samples + workload.data_forwards * data_samples
+        per_block = trained * (forward + backward) + rollout_forwards * samples * forward
+        add("tp", dit.depth * per_block * 2 * _ring(plan.tp), plan.tp, 1)
+    if plan.cp > 1:
+        local = tokens_dim / plan.cp
+        gathered = dit.num_tokens * dit.in_channels * math.prod(dit.patch_size) * act_bytes
+        trained = workload.trained_steps * samples + workload.data_forwards * data_samples
+        per_sample_forward = dit.depth * 4 * local * _ring(plan.cp) + _ring(plan.cp) * gathered
+        per_sample_backward = dit.depth * 4 * local * _ring(plan.cp)
+        add("cp", trained * (per_sample_forward + per_sample_backward)
+            + rollout_forwards * samples * per_sample_forward, plan.cp, plan.tp)
+    if plan.rollout_ranks:
+        copy_bytes = 2 if bf16 else 4
+        gathered_publish = _ring(plan.shard) * total_params * copy_bytes if plan.shard > 1 else 0.0
+        # trainer 0 broadcasts the whole model; the sharded trainers gather it tensor by tensor
+        add("publish", total_params * copy_bytes + gathered_publish, plan.trainers + 1,
+            1 if cluster.nodes == 1 else cluster.gpus_per_node)
+    return out
+
+
+@dataclass
+class PlanResult:
+    plan: ParallelPlan
+    reasons: list[str]  # why it cannot run; empty = feasible
+    memory: dict[str, float] = field(default_factory=dict)
+    comm: dict[str, dict] = field(default_factory=dict)
+    times: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def feasible(self) -> bool:
+        return not self.reasons
+
+    def to_dict(self) -> dict:
+        return {"plan": self.plan.describe(), "engine": self.plan.engine, **asdict(self.plan),
+                "feasible": self.feasible, "reasons": self.reasons,
+                "memory_gb": {key: value / GB for key, value in self.memory.items()},
+                "comm_gb": {key: {**value, "bytes": value["bytes"] / GB}
+                            for key, value in self.comm.items()},
+                **self.times}
+
+
+def structural_reasons(workload: Workload, plan: ParallelPlan, cluster: Cluster) -> list[str]:
+    """Why the framework cannot run `plan` at all (before any memory question)."""
+    dit, reasons = workload.dit, []
+    if plan.trainers < 1:
+        return [f"{plan.rollout_ranks} rollout ranks leave no trainer on {cluster.gpus} GPUs"]
+    if plan.rollout_ranks and workload.prompts_per_step % plan.rollout_ranks:
+        reasons.append(f"algo.prompts_per_step={workload.prompts_per_step} is not a multiple of the "
+                       f"{plan.rollout_ranks} rollout ranks (each samples whole prompt groups)")
+    if dit.num_heads % plan.tp or dit.mlp_hidden % plan.tp:
+        reasons.append(f"TP={plan.tp} must divide num_heads={dit.num_heads} and the MLP width "
+                       f"{dit.mlp_hidden}")
+    if dit.num_heads % plan.cp:
+        reasons.append(f"CP={plan.cp} must divide num_heads={dit.num_heads} (Ulysses splits heads)")
+    if dit.num_tokens % plan.cp:
+        reasons.append(f"CP={plan.cp} must divide the {dit.num_tokens} video tokens")
+    if plan.tp > 1 and plan.cp > 1:
+        reasons.append("TP runs on the megatron engine and CP on fsdp2: no engine has both")
+    if plan.tp > 1 and plan.shard > 1:
+        reasons.append("the megatron engine (TP) replicates its data-parallel ranks: no FSDP shard")
+    if plan.tp > 1 and plan.activation_checkpointing:
+        reasons.append("activation checkpointing is applied by the fsdp2 engine only")
+    if plan.tp == 1 and plan.cp > 1 and plan.replicate > 1:
+        reasons.append("CP with HSDP (parallel.dp_replicate > 1) is not supported: FSDP over all ranks")
+    if plan.trainers % (plan.tp * plan.cp) or plan.trainers % plan.shard:
+        reasons.append(f"TP x CP = {plan.tp * plan.cp} and the shard group {plan.shard} must divide "
+                       f"the {plan.trainers} trainer ranks")
+    elif workload.prompts_per_step % plan.data_parallel:
+        reasons.append(f"algo.prompts_per_step={workload.prompts_per_step} must be a multiple of the "
+                       f"{plan.data_parallel} data-parallel ranks")
+    return reasons
+
+
+def evaluate_plan(workload: Workload, plan: ParallelPlan, cluster: Cluster,
+                  assumptions: Assumptions = Assumptions()) -> PlanResult:
+    """Memory, communication, step time and MFU of one plan, or the reasons it cannot run."""
+    reasons = structural_reasons(workload, plan, cluster)
+    if reasons:
+        return PlanResult(plan, reasons)
+    memory = estimate_memory(workload, plan, on_gpu=cluster.device.name != "cpu")
+    usable = cluster.device.memory_gb * GB * assumptions.usable_memory_fraction
+    for key, role in (("total", "training"), ("rollout_rank_total", "rollout")):
+        if memory.get(key, 0.0) > usable:
+            reasons.append(f"needs {memory[key] / GB:.1f} GB per {role} GPU, "
+                           f"{usable / GB:.1f} GB usable")
+    comm = communication(workload, plan, cluster)
+    return PlanResult(plan, reasons, memory, comm, step_time(workload, plan, cluster, comm, assumptions))
+
+
+def step_time(workload: Workload, plan: ParallelPlan, cluster: Cluster, comm: dict[str, dict],
+              assumptions: Assumptions) -> dict[str, float]:
+    mode = "bf16" if workload.dtype == "bf16" else "fp32"
+    rate = cluster.device.peak_flops[mode] * assumptions.compute_efficiency
+    flops = workload.flops
+    train_flops = flops["policy"] + flops["data"]
+    if plan.activation_checkpointing:  # the backward recomputes each block's forward (1/3 of 3x)
+        train_flops *= 4.0 / 3.0
+    train_compute = train_flops / plan.trainers / rate
+    rollout_compute = flops["rollout"] / (plan.rollout_ranks or plan.trainers) / rate
+
+    def seconds(kind: str) -> float:
+        entry = comm.get(kind)
+        return 0.0 if entry is None else entry["bytes"] / (entry["gb_s"] * GB * assumptions.comm_efficiency)
+
+    critical = seconds("tp") + seconds("cp")
+    overlapped = seconds("fsdp") + seconds("replicate")
+    publish = seconds("publish")
+    if plan.rollout_ranks:
+        train = train_compute + critical + max(0.0, overlapped - train_compute)
+        step = (max(rollout_compute, train + publish) if assumptions.policy_lag > 0
+                else rollout_compute + publish + train)
+        compute = train_compute
+    else:
+        compute = train_compute + rollout_compute
+        step = compute + critical + max(0.0, overlapped - compute)
+    return {"step_s": step, "compute_s": compute, "rollout_compute_s": rollout_compute,
+            "comm_s": critical + overlapped + publish,
+            "comm_exposed_s": critical + publish + max(0.0, overlapped - compute),
+            "mfu": sum(flops.values()) / step / (cluster.gpus * cluster.device.peak_flops[mode]),
+            "samples_per_s": workload.samples / step}
+
+
+def _divisors(number: int) -> list[int]:
+    return [value for value in range(1, number + 1) if number % value == 0]
+
+
+def enumerate_plans(cluster: Cluster, rollout_ranks: tuple[int, ...] = (0,),
+                    activation_checkpointing: tuple[bool, ...] = (False, True)) -> list[ParallelPlan]:
+    """The plans the engines can express whose sizes divide the trainer ranks: fsdp2 with any
+    FSDP shard group (HSDP below the world), with Ulysses CP over the whole FSDP world, with or
+    without checkpointing; megatron TP x data parallel; TP x CP too, which `evaluate_plan`
+    rejects (no engine has both) so that the table says so. Other limits (heads, tokens, batch,
+    memory) are checked by `evaluate_plan`."""
+    plans = []
+    for rollout in rollout_ranks:
+        trainers = cluster.gpus - rollout
+        if trainers < 1:
+            plans.append(ParallelPlan(trainers, rollout_ranks=rollout))
+            continue
+        for tp in _divisors(trainers):
+            for cp in _divisors(trainers // tp):
+                if tp > 1:  # megatron: replicated data parallel, no checkpointing
+                    plans.append(ParallelPlan(trainers, tp, cp, 1, False, rollout))
+                    continue
+                shards = [trainers] if cp > 1 else _divisors(trainers)
+                plans.extend(ParallelPlan(trainers, 1, cp, shard, checkpointing, rollout)
+                             for shard in shards for checkpointing in activation_checkpointing)
+    return plans
+
+
+def rank_plans(workload: Workload, cluster: Cluster, assumptions: Assumptions = Assumptions(),
+               rollout_ranks: tuple[int, ...] = (0,)) -> tuple[list[PlanResult], list[PlanResult]]:
+    """(feasible plans fastest first, then by memory; rejected plans with their reasons)."""
+    results = [evaluate_plan(workload, plan, cluster, assumptions)
+               for plan in enumerate_plans(cluster, rollout_ranks)]
+    feasible = sorted((r for r in results if r.feasible),
+                      key=lambda r: (round(r.times["step_s"], 9), r.memory["total"]))
+    return feasible, [r for r in results if not r.feasible]
+
+
+# -- the command ----------------------------------------------------------------------------------
+def latent_size(pixels: int, factor: int, flag: str, causal: bool = False) -> int:
+    """Latent length of `pixels` under a VAE compression `factor`. Causal video VAEs (Wan,
+    HunyuanVideo, CogVideoX) encode the first frame alone: frames = 1 + factor * (latent - 1)."""
+    if pixels < 1 or factor < 1:
+        raise ConfigError(f"{flag}: expected positive sizes, got {pixels} with compression {factor}")
+    if causal and factor > 1 and (pixels - 1) % factor == 0:
+        return 1 + (pixels - 1) // factor
+    if pixels % factor:
+        hint = f" or 1 + a multiple of {factor} (causal VAE)" if causal else ""
+        raise ConfigError(f"{flag}={pixels}: expected a multiple of the VAE compression {factor}{hint}")
+    return pixels // factor
+
+
+def _triple(text: str) -> tuple[int, int, int]:
+    try:
+        values = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        values = ()
+    if len(values) != 3 or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected three positive ints T,H,W, got '{text}'")
+    return values
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("overrides", nargs="*", help="config overrides, key=value")
+    parser.add_argument("--config", default=None, help="a run config (YAML); flags override it")
+    model = parser.add_argument_group("model (default: the config's)")
+    model.add_argument("--layers", type=int, help="DiT blocks (model.depth)")
+    model.add_argument("--hidden-size", type=int, help="width (model.hidden_size)")
+    model.add_argument("--heads", type=int, help="attention heads (model.num_heads)")
+    model.add_argument("--mlp-ratio", type=float, help="MLP width / width (model.mlp_ratio)")
+    model.add_argument("--patch", type=_triple, help="patch T,H,W in latents (model.patch_size)")
+    model.add_argument("--text-tokens", type=int, help="text tokens (model.max_text_tokens)")
+    video = parser.add_argument_group("video (pixels; default: the config's latent shape)")
+    video.add_argument("--frames", type=int, help="frames of a generated video")
+    video.add_argument("--height", type=int, help="pixel height")
+    video.add_argument("--width", type=int, help="pixel width")
+    video.add_argument("--vae-compression", type=_triple, default=(1, 1, 1),
+                       help="VAE compression T,H,W (Wan 2.1: 4,8,8); frames may be 1 + k*T (causal)")
+    video.add_argument("--latent-channels", type=int, help="latent channels (video.channels)")
+    ddrl = parser.add_argument_group("DDRL iteration (default: the config's)")
+    ddrl.add_argument("--prompts", type=int, help="prompts per step (algo.prompts_per_step)")
+    ddrl.add_argument("--group-size", type=int, help="samples per prompt (algo.group_size)")
+    ddrl.add_argument("--sampler-steps", type=int, help="denoising steps (sampler.num_steps)")
+    ddrl.add_argument("--dtype", choices=["fp32", "bf16"], help="run.dtype")
+    cluster = parser.add_argument_group("cluster")
+    cluster.add_argument("--gpu", default="h100",
+                         help=f"GPU type: {', '.join(sorted(DEVICES))}, h100, or cpu (measured here)")
+    cluster.add_argument("--gpus-per-node", type=int,
+                         help="default: launch.nproc_per_node with --config, else 8")
+    cluster.add_argument("--nodes", type=int, help="default: launch.nodes with --config, else 1")
+    cluster.add_argument("--memory-gb", type=float, help="override the device memory")
+    cluster.add_argument("--peak-tflops", type=float, help="override the dense peak of --dtype")
+    cluster.add_argument("--intra-node-gbs", type=float, help="override GB/s per GPU inside a node")
+    cluster.add_argument("--inter-node-gbs", type=float, help="override GB/s per GPU between nodes")
+    model_assumptions = parser.add_argument_group("model assumptions")
+    model_assumptions.add_argument("--rollout-ranks", type=int, nargs="+", default=[0],
+                                   help="separate rollout ranks to consider (0 = colocated)")
+    model_assumptions.add_argument("--policy-lag", type=int, default=None,
+                                   help="rollout.max_policy_lag (default: the config's)")
+    model_assumptions.add_argument("--efficiency", type=float, default=Assumptions.compute_efficiency,
+                                   help="fraction of peak FLOP/s the matmuls reach")
+    model_assumptions.add_argument("--comm-efficiency", type=float,
+                                   default=Assumptions.comm_efficiency,
+                                   help="fraction of link bandwidth collectives reach")
+    output = parser.add_argument_group("output")
+    output.add_argument("--top", type=int, default=10, help="feasible plans to print")
+    output.add_argument("--show-rejected", action="store_true", help="list every rejected plan")
+    output.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """`ddrl plan` under the main command line's subparsers."""
+    parser = subparsers.add_parser("plan", help="predict memory, communication, step time and MFU of "
+                                                "parallel plans, and rank them")
+    add_arguments(parser)
+    parser.set_defaults(handler=cmd_plan)
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> tuple[RunConfig, tuple[int, ...] | None]:
+    """The run config with the flags applied, and the decoded video's pixel shape (None = the
+    latent shape, when no pixel flag is given)."""
+    base = load_config(args.config, args.overrides)
+    compression = args.vae_compression
+    flags = {"model.depth": args.layers, "model.hidden_size": args.hidden_size,
+             "model.num_heads": args.heads, "model.mlp_ratio": args.mlp_ratio,
+             "model.patch_size": list(args.patch) if args.patch else None,
+             "model.max_text_tokens": args.text_tokens, "video.channels": args.latent_channels,
+             "algo.prompts_per_step": args.prompts, "algo.group_size": args.group_size,
+             "sampler.num_steps": args.sampler_steps, "run.dtype": args.dtype}
+    pixels = None
+    if any(value is not None for value in (args.frames, args.height, args.width)):
+        video = base.video
+        frames = args.frames or video.num_frames * compression[0]
+        height = args.height or video.height * compression[1]
+        width = args.width or video.width * compression[2]
+        flags.update({"video.num_frames": latent_size(frames, compression[0], "--frames", causal=True),
+                      "video.height": latent_size(height, compression[1], "--height"),
+                      "video.width": latent_size(width, compression[2], "--width")})
+        pixels = (3, frames, height, width)
+    overrides = [f"{key}={json.dumps(value)}" for key, value in flags.items() if value is not None]
+    return load_config(args.config, [*args.overrides, *overrides]), pixels
+
+
+def cluster_from_args(args: argparse.Namespace, config: RunConfig, dtype: str) -> Cluster:
+    if args.gpu.lower() == "cpu":
+        import psutil
+
+        from ddrl_scale.telemetry.throughput import RUN_DTYPES, device_peak_flops
+
+        spec = DeviceSpec("cpu", psutil.virtual_memory().total / GB,
+                          {dtype: device_peak_flops("cpu", RUN_DTYPES[dtype])}, 5.0, 1.25,
+                          "gloo over loopback (assumed)", "10 Gb/s Ethernet (assumed)")
+    else:
+        try:
+            spec = device_spec(args.gpu)
+        except ValueError as error:
+            raise ConfigError(f"--gpu: {error}") from None
+    if args.peak_tflops is not None:
+        spec = replace(spec, peak_flops={**spec.peak_flops, dtype: args.peak_tflops * 1e12})
+    for flag, key in ((args.memory_gb, "memory_gb"), (args.intra_node_gbs, "intra_node_gb_s"),
+                      (args.inter_node_gbs, "inter_node_gb_s")):
+        if flag is not None:
+            if flag <= 0:
+                raise ConfigError(f"--{key.replace('_', '-')}: expected a value > 0, got {flag}")
+            spec = replace(spec, **{key: flag})
+    launch = config.launch if args.config else None
+    gpus_per_node = args.gpus_per_node or (launch.nproc_per_node if launch else 8)
+    nodes = args.nodes or (launch.nodes if launch else 1)
+    if gpus_per_node < 1 or nodes < 1:
+        raise ConfigError(f"--gpus-per-node and --nodes: expected >= 1, got {gpus_per_node}, {nodes}")
+    return Cluster(spec, gpus_per_node, nodes)
+
+
+def report(workload: Workload, cluster: Cluster, assumptions: Assumptions,
+           feasible: list[PlanResult], rejected: list[PlanResult], top: int,
+           show_rejected: bool) -> str:
+    dit = workload.dit
+    params = parameter_counts(dit)[0]
+    lines = [
+        f"model: {dit.depth} layers x {dit.hidden_size} wide, {dit.num_heads} heads, "
+        f"{params / 1e9:.3f}B parameters; latent video {dit.in_channels}x{dit.num_frames}x"
+        f"{dit.height}x{dit.width} -> {dit.num_tokens} tokens",
+        f"iteration: {workload.prompts_per_step} prompts x {workload.group_size} samples, "
+        f"{workload.sampler_steps} sampler steps ({workload.trained_steps} trained), "
+        f"{workload.dtype}, {sum(workload.flops.values()) / 1e15:.3f} PFLOP",
+        f"cluster: {cluster.nodes} node(s) x {cluster.gpus_per_node} {cluster.device.name}",
+        "",
+        f"{'#':>3}  {'plan':<24} {'engine':<9} {'mem/GPU GB':>10} {'comm GB/step':>12} "
+        f"{'step s':>9} {'MFU':>6} {'samples/s':>10}",
+    ]
+    for index, result in enumerate(feasible[:top], start=1):
+        comm = sum(entry["bytes"] for entry in result.comm.values()) / GB
+        memory = max(result.memory["total"], result.memory.get("rollout_rank_total", 0.0)) / GB
+        lines.append(f"{index:>3}  {result.plan.describe():<24} {result.plan.engine:<9} "
+                     f"{memory:>10.2f} {comm:>12.2f} {result.times['step_s']:>9.3g} "
+                     f"{result.times['mfu']:>6.1%} {result.times['samples_per_s']:>10.3g}")
+    if not feasible:
+        lines.append("     no feasible plan")
+        too_big = sorted((r for r in rejected if r.memory), key=lambda r: r.memory["total"])
+        for result in too_big[:3]:
+            lines.append(f"     closest: {result.plan.describe()}: {'; '.join(result.reasons)}")
+    else:
+        if len(feasible) > top:
+            lines.append(f"     ... {len(feasible) - top} more feasible plans (--top)")
+        best = feasible[0]
+        parts = ", ".join(f"{key} {value / GB:.3g}" for key, value in best.memory.items()
+                          if key in MEMORY_PARTS and value > 0)
+        lines.append(f"  #1 memory per GPU (GB): {parts}")
+        lines.append("  #1 traffic per GPU and step (GB): " + (", ".join(
+            f"{kind} {entry['bytes'] / GB:.3g} ({entry['link']}-node)"
+            for kind, entry in best.comm.items()) or "none"))
+    lines.append("")
+    counts: dict[str, int] = {}
+    for result in rejected:
+        for reason in result.reasons:
+            key = reason if not reason.startswith("needs ") else "does not fit in memory"
+            counts[key] = counts.get(key, 0) + 1
+    lines.append(f"rejected: {len(rejected)} plans")
+    lines.extend(f"  {count:>5} x {reason}" for reason, count in sorted(counts.items(),
+                                                                       key=lambda kv: -kv[1]))
+    if show_rejected:
+        lines.extend(f"  {result.plan.describe():<24} {'; '.join(result.reasons)}"
+                     for result in rejected)
+    lines.append("")
+    lines.append("assumptions:")
+    lines.extend(f"  - {line}" for line in assumptions.describe(workload, cluster))
+    return "\n".join(lines)
+
+
+def cmd_plan(args: argparse.Namespace) -> None:
+    config, pixels = config_from_args(args)
+    workload = Workload.from_config(config, pixels)
+    cluster = cluster_from_args(args, config, workload.dtype)
+    lag = args.policy_lag
+    if lag is None:
+        lag = getattr(getattr(config, "rollout", None), "max_policy_lag", 0)
+    for value, flag in ((args.efficiency, "--efficiency"), (args.comm_efficiency, "--comm-efficiency")):
+        if not 0 < value <= 1:
+            raise ConfigError(f"{flag}: expected a fraction in (0, 1], got {value}")
+    if min(args.rollout_ranks) < 0 or lag < 0 or args.top < 0:
+        raise ConfigError("--rollout-ranks, --policy-lag and --top: expected values >= 0")
+    assumptions = Assumptions(args.efficiency, args.comm_efficiency, policy_lag=lag)
+    feasible, rejected = rank_plans(workload, cluster, assumptions, tuple(args.rollout_ranks))
+    if args.json:
+        print(json.dumps({
+            "workload": {"dit": workload.dit.to_dict(), "parameters": parameter_counts(workload.dit)[0],
+                         "tokens": workload.dit.num_tokens, "prompts_per_step": workload.prompts_per_step,
+                         "group_size": workload.group_size, "sampler_steps": workload.sampler_steps,
+                         "trained_steps": workload.trained_steps, "dtype": workload.dtype,
+                         "flops": workload.flops},
+            "cluster": {"gpus_per_node": cluster.gpus_per_node, "nodes": cluster.nodes,
+                        "device": asdict(cluster.device)},
+            "assumptions": assumptions.describe(workload, cluster),
+            "plans": [result.to_dict() for result in feasible],
+            "rejected": [result.to_dict() for result in rejected],
+        }, indent=1))
+    else:
+        print(report(workload, cluster, assumptions, feasible, rejected, args.top, args.show_rejected))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m ddrl_scale.telemetry.plan ...`: the same as `ddrl plan ...`."""
+    parser = argparse.ArgumentParser(prog="ddrl plan", description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    try:
+        cmd_plan(args)
+    except (ConfigError, FileNotFoundError, ValueError) as error:
+        print(f"ddrl plan: error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
