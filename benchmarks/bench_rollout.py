@@ -16,10 +16,8 @@ Results: benchmarks/results/<date>-bench_rollout-<machine>.json and .md.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -29,9 +27,9 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "benchmarks" / "results"
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from bench_step import free_port  # noqa: E402
+from common import machine, write_results  # noqa: E402
 
 PUBLISH_SIZES = {  # name -> DiT overrides; parameters grow ~4x per row
     "demo": [],
@@ -45,12 +43,6 @@ E2E = {  # name -> (ranks, overrides)
     "disaggregated-lag0": (2, ["rollout.mode=disaggregated"]),
     "disaggregated-lag1": (2, ["rollout.mode=disaggregated", "rollout.max_policy_lag=1"]),
 }
-
-
-def machine() -> str:
-    gpu = f", GPU {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
-    return (f"{platform.node()} {platform.machine()}, {os.cpu_count()} CPU cores{gpu}, "
-            f"torch {torch.__version__}")
 
 
 def _best(function, repeats: int) -> float:
@@ -229,12 +221,7 @@ def main() -> None:
                   flush=True)
         if "e2e" in parts:
             result["e2e"] = bench_e2e(args, Path(tmp))
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    stem = f"{datetime.date.today().isoformat()}-bench_rollout-{platform.machine()}-{os.cpu_count()}cpu"
-    (RESULTS / f"{stem}.json").write_text(json.dumps(result, indent=1) + "\n")
-    (RESULTS / f"{stem}.md").write_text(report(result))
-    print(report(result))
-    print(f"written: {RESULTS / stem}.json / .md")
+    write_results("bench_rollout", result, report(result))
 
 
 if __name__ == "__main__":

@@ -130,6 +130,9 @@ def build_parser() -> argparse.ArgumentParser:
     data_commands = data.add_subparsers(dest="data_command", required=True)
     with_overrides(data_commands.add_parser("demo", help="write the procedural demo shards"),
                    cmd_data_demo)
+    from ddrl_scale.data.commands import add_data_commands
+
+    add_data_commands(data_commands)  # prepare, validate, stats
 
     experiment = commands.add_parser("experiment", help="experiments that validate the algorithm")
     experiments = experiment.add_subparsers(dest="experiment", required=True)

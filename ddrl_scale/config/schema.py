@@ -81,10 +81,24 @@ class DataSection:
     generated_dir: str = "outputs/data/demo_shards"
     num_generated: int = 2048
     samples_per_shard: int = 256
-    shuffle_buffer: int = 256
-    num_workers: int = 0
+    shuffle_buffer: int = 256  # replicated: shuffle buffer; sharded: each reader's shuffle window
+    # replicated: every rank reads the global batch (same samples for any world size, small data);
+    # sharded: each data-parallel rank and worker reads its own part, each sample once per epoch
+    split: str = "replicated"
+    num_workers: int = 0  # sharded: DataLoader worker processes per rank
+    prefetch: int = 16  # sharded: samples each worker reads ahead
+    buckets: list[list[int]] = field(default_factory=list)  # sharded: allowed (C, T, H, W); [] = any
+    index: str = ""  # sharded: index.json of prepared shards ("" = next to the shards, if any)
+    latents_dtype: str = "fp32"  # sharded: fp32 | stored (keep the shards' fp16/bf16)
 
     def __post_init__(self) -> None:
+        _check(self.split in ("replicated", "sharded"), "data.split", "replicated|sharded", self.split)
+        _check(self.prefetch >= 1, "data.prefetch", ">= 1", self.prefetch)
+        _check(self.latents_dtype in ("fp32", "stored"), "data.latents_dtype", "fp32|stored",
+               self.latents_dtype)
+        for shape in self.buckets:
+            _check(len(shape) == 4 and all(d > 0 for d in shape), "data.buckets",
+                   "a list of [C, T, H, W] shapes", self.buckets)
         _check(self.num_generated > 0, "data.num_generated", "> 0", self.num_generated)
         _check(self.samples_per_shard > 0, "data.samples_per_shard", "> 0", self.samples_per_shard)
         _check(self.num_workers >= 0, "data.num_workers", ">= 0", self.num_workers)

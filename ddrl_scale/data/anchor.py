@@ -18,7 +18,7 @@ import numpy as np
 import torch
 import webdataset as wds
 
-from ddrl_scale.data.shards import decode_array
+from ddrl_scale.data.latent_shards import decode_sample
 
 logger = logging.getLogger(__name__)
 
@@ -47,7 +47,7 @@ class AnchorLoader:
         # bad samples met in earlier epochs, and in this epoch's pass so far: a restored loader
         # replays the epoch and meets the same bad samples again, so they are not counted twice
         self.skipped_before_epoch, self.skipped_this_epoch = 0, 0
-        self._stream: Iterator[tuple[str, torch.Tensor, str]] | None = None
+        self._stream: Iterator[tuple[str, torch.Tensor, str, bool]] | None = None
 
     @property
     def skipped(self) -> int:
@@ -63,23 +63,21 @@ class AnchorLoader:
         self.skipped_before_epoch, self.skipped_this_epoch = int(state["skipped_before_epoch"]), 0
         self._stream = None
 
-    def _decode(self, sample: dict) -> tuple[str, torch.Tensor, str] | None:
+    def _decode(self, sample: dict) -> tuple[str, torch.Tensor, str, bool] | None:
+        """(key, video float (C, T, H, W), caption, is_pixels): demo pixels (uint8 -> [0, 1]) or
+        latents that `ddrl data prepare` wrote (safetensors or npy), read without pickle."""
         key, url = sample.get("__key__", "?"), sample.get("__url__", "?")
         try:
-            array = decode_array(sample["video.npy"])
-            caption = sample["txt"].decode("utf-8")
+            decoded = decode_sample(key, {k: v for k, v in sample.items() if not k.startswith("__")})
             json.loads(sample.get("json", b"{}"))
-            video = pixels_to_video(array) if array.dtype == np.uint8 else torch.from_numpy(
-                array.astype(np.float32))
-            if video.dim() != 4:
-                raise ValueError(f"expected a 4-D video array, got shape {array.shape}")
+            video = decoded.tensor.float() / 255.0 if decoded.is_pixels else decoded.tensor.float()
         except Exception as error:  # any malformed sample is skipped, never fatal
             self.skipped_this_epoch += 1
             logger.warning("skipping sample '%s' of shard '%s': %s", key, url, error)
             return None
-        return key, video, caption
+        return key, video, decoded.caption, decoded.is_pixels
 
-    def _epoch_samples(self, epoch: int) -> Iterator[tuple[str, torch.Tensor, str]]:
+    def _epoch_samples(self, epoch: int) -> Iterator[tuple[str, torch.Tensor, str, bool]]:
         rng = random.Random(self.seed * 1_000_003 + epoch)
         order = self.shards[:]
         rng.shuffle(order)
@@ -96,7 +94,7 @@ class AnchorLoader:
         while buffer:
             yield buffer.pop(rng.randrange(len(buffer)))
 
-    def _samples(self) -> Iterator[tuple[str, torch.Tensor, str]]:
+    def _samples(self) -> Iterator[tuple[str, torch.Tensor, str, bool]]:
         while True:
             given, self.skipped_this_epoch = 0, 0
             for item in self._epoch_samples(self.epoch):
@@ -115,8 +113,11 @@ class AnchorLoader:
         if self._stream is None:
             self._stream = self._samples()
         items = [next(self._stream) for _ in range(self.batch_size)]
-        return AnchorBatch(
-            latents=self.encode(torch.stack([video for _, video, _ in items])),
-            captions=[caption for _, _, caption in items],
-            keys=[key for key, _, _ in items],
-        )
+        pixels = [is_pixels for *_, is_pixels in items]
+        if all(pixels):  # pixel videos go through the VAE; prepared latents are used as stored
+            latents = self.encode(torch.stack([video for _, video, _, _ in items]))
+        else:
+            latents = torch.stack([self.encode(video[None])[0] if is_pixels else video
+                                   for _, video, _, is_pixels in items])
+        return AnchorBatch(latents=latents, captions=[caption for _, _, caption, _ in items],
+                           keys=[key for key, *_ in items])

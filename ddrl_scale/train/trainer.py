@@ -24,7 +24,8 @@ from ddrl_scale.algo.noise import data_term_draws
 from ddrl_scale.algo.samplers import sde_step
 from ddrl_scale.algo.schedules import add_noise, sigma_schedule
 from ddrl_scale.config import ConfigError, RunConfig, save_config
-from ddrl_scale.data.anchor import AnchorBatch, AnchorLoader
+from ddrl_scale.data.anchor import AnchorBatch
+from ddrl_scale.data.sharded import build_loader, gather_state
 from ddrl_scale.models import PixelVAE, build_model, build_text_encoder
 from ddrl_scale.parallel import World, build_engine, init_world
 from ddrl_scale.parallel.distributed import barrier, reduce_metrics
@@ -95,8 +96,15 @@ class Trainer:
         if self.world.is_main:  # rank 0 writes the demo shards (once); the others then find them
             demo_shards(config)
         barrier(self.world, "anchor shards ready")
-        self.loader = AnchorLoader(demo_shards(config), config.algo.prompts_per_step,
-                                   config.run.seed, config.data.shuffle_buffer, self.vae.encode)
+        data = config.data
+        self.loader = build_loader(
+            demo_shards(config), config.algo.prompts_per_step, split=data.split, seed=config.run.seed,
+            rank=self.world.rank // self.model_parallel,
+            world_size=self.world.world_size // self.model_parallel, num_workers=data.num_workers,
+            prefetch=data.prefetch, shuffle_buffer=data.shuffle_buffer, buckets=data.buckets or None,
+            index=data.index, encode=self.vae.encode,
+            latents_dtype=torch.float32 if data.latents_dtype == "fp32" else None)
+        self.sharded_data = data.split == "sharded"
         self.sigmas = sigma_schedule(config.sampler.num_steps, config.sampler.shift)
         video = config.video
         self.latent_shape = (video.channels, video.num_frames, video.height, video.width)
@@ -123,7 +131,10 @@ class Trainer:
         return self.engine.forward(latents, sigma, text)
 
     def next_batch(self) -> AnchorBatch:
-        batch, share = self.loader.next_batch(), self.prompt_slice
+        batch = self.loader.next_batch()
+        if self.sharded_data:  # already this data-parallel rank's share
+            return AnchorBatch(batch.latents, batch.captions, batch.keys)
+        share = self.prompt_slice
         return AnchorBatch(batch.latents[share], batch.captions[share], batch.keys[share])
 
     def rollout(self, batch: AnchorBatch) -> RolloutBatch:
@@ -206,6 +217,8 @@ class Trainer:
         # the loader as it was before the oldest batch not yet trained on: a resumed run reads
         # (and orders rollouts for) the read-ahead batches again
         loader = self.pending[0][2] if self.pending else self.loader.state_dict()
+        if self.sharded_data:  # every rank's own position, gathered (a collective)
+            loader = gather_state(self.loader, loader)
         trainer_state = {"loader": loader,
                          "dit_config": json.dumps(self.engine.model.config.to_dict())}
         return save_checkpoint(self.run_dir, self.step, self.engine, trainer_state, self.world,
@@ -267,8 +280,12 @@ class Trainer:
         variance = max(0.0, metrics.pop("reward_square_mean") - metrics["reward_mean"] ** 2)
         metrics["reward_std"] = (variance * num_samples / max(1, num_samples - 1)) ** 0.5
         # counters are the same on every rank and stay integers
+        skipped = self.loader.skipped
+        if self.sharded_data:  # each rank counts what it read itself
+            mean = reduce_metrics({"skipped": skipped}, self.world)["skipped"]
+            skipped = round(mean * self.world.world_size / self.model_parallel)
         return {"step": self.step, "policy_version": rollouts.policy_version,
-                "anchor_samples_skipped": self.loader.skipped, **metrics}
+                "anchor_samples_skipped": skipped, **metrics}
 
     def train(self) -> bool:
         """Run optimizer steps until train.steps, then save. Returns False if a preemption request
