@@ -88,3 +88,24 @@ def test_a_dead_reward_service_stops_the_run_naming_it(server, tmp_path: Path, s
     assert done.returncode != 0
     assert url in done.stderr and "3 attempts" in done.stderr, done.stderr[-3000:]
     assert time.monotonic() - start < 120
+
+
+def test_rollout_rank_scores_through_the_service_like_the_local_reward(
+        server, tmp_path: Path, shared_shards_dir: Path, monkeypatch: pytest.MonkeyPatch):
+    """1 trainer + 1 rollout rank; the rollout rank scores on its scoring thread through the
+    service: the same losses as the in-process reward in one process."""
+    from test_distributed import _run
+
+    _, url = server
+    monkeypatch.setenv("DDRL_REWARD_TOKEN", TOKEN)
+    base = [*_TINY, f"data.generated_dir={shared_shards_dir}", "train.eval_prompts=0"]
+    _train([], tmp_path, "local", shared_shards_dir)
+    _run([*base, *_remote(url), "rollout.mode=disaggregated", f"run.output_dir={tmp_path / 'split'}"],
+         2, tmp_path / "split.log")
+    local = read_metrics(tmp_path / "local" / "metrics.jsonl")
+    split = read_metrics(tmp_path / "split" / "metrics.jsonl")
+    assert [r["step"] for r in split] == [1, 2, 3]
+    for mine, theirs in zip(split, local):
+        mine = {**mine, "reward_caption_alignment_mean": mine["reward_remote_mean"]}
+        assert {k: mine[k] for k in KEYS} == pytest.approx({k: theirs[k] for k in KEYS},
+                                                           rel=1e-5, abs=1e-6)

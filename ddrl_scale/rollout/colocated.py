@@ -40,6 +40,52 @@ def initial_noise(sample_indices: list[int], group_size: int, shape: tuple[int, 
     return keyed_normal(shape, keys, seed, ROLLOUT_INIT, step, int(same_per_group), device=device)
 
 
+def sample_rollouts(
+    velocity: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
+    encode_text: Callable[[list[str]], torch.Tensor],
+    prompts: list[str],
+    latent_shape: tuple[int, ...],
+    sigmas: torch.Tensor,
+    sampler: SamplerSection,
+    algo: AlgoSection,
+    seed: int,
+    step: int,
+    first_prompt_index: int,
+    device: torch.device,
+) -> tuple[list[str], torch.Tensor, Trajectory]:
+    """Sample G = algo.group_size videos for each prompt with the SDE sampler: (expanded prompts,
+    text embeddings, trajectory). The part that needs the policy's weights.
+
+    Prompt p of this batch is prompt first_prompt_index + p of the step's global batch: all noise
+    is keyed by (seed, step, global sample index), so the split over ranks changes nothing.
+    """
+    group_size = algo.group_size
+    expanded = [prompt for prompt in prompts for _ in range(group_size)]
+    indices = list(range(first_prompt_index * group_size, (first_prompt_index + len(prompts)) * group_size))
+    text = encode_text(expanded)
+    noise = initial_noise(indices, group_size, latent_shape, algo.same_noise_per_group, seed, step,
+                          device)
+    trajectory = sample(
+        lambda x, sigma: velocity(x, sigma, text), noise, sigmas, kind="sde",
+        noise_level=sampler.noise_level,
+        step_noise=lambda i: keyed_normal(latent_shape, indices, seed, ROLLOUT_STEP, step, i,
+                                          device=device))
+    return expanded, text, trajectory
+
+
+def score_rollouts(decode: Callable[[torch.Tensor], torch.Tensor], rewards: WeightedRewards,
+                   expanded: list[str], text: torch.Tensor, trajectory: Trajectory, algo: AlgoSection,
+                   policy_version: int) -> RolloutBatch:
+    """Decode the final latents, score them, normalise the advantages within each group. Needs no
+    policy weights, so a rollout rank can run it while it samples the next batch."""
+    videos = decode(trajectory.final)
+    scores = rewards(videos, expanded)
+    advantages = group_advantages(scores, rewards.weights, algo.group_size, algo.exp_reward,
+                                  algo.advantage_clamp)
+    return RolloutBatch(expanded, text, trajectory, videos, scores, rewards.total(scores),
+                        advantages, policy_version)
+
+
 def generate_rollouts(
     velocity: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
     encode_text: Callable[[list[str]], torch.Tensor],
@@ -55,26 +101,10 @@ def generate_rollouts(
     first_prompt_index: int,
     device: torch.device,
 ) -> RolloutBatch:
-    """Sample G = algo.group_size videos for each prompt with the SDE sampler, score, normalise.
+    """Sample, decode, score and normalise: the whole rollout stage in one call (colocated).
 
     velocity(latents, sigma, text) is the policy; encode_text / decode are the text encoder and VAE.
-    Prompt p of this batch is prompt first_prompt_index + p of the step's global batch: all noise
-    is keyed by (seed, step, global sample index), so the split over ranks changes nothing.
     """
-    group_size = algo.group_size
-    expanded = [prompt for prompt in prompts for _ in range(group_size)]
-    indices = list(range(first_prompt_index * group_size, (first_prompt_index + len(prompts)) * group_size))
-    text = encode_text(expanded)
-    noise = initial_noise(indices, group_size, latent_shape, algo.same_noise_per_group, seed, step,
-                          device)
-    trajectory = sample(
-        lambda x, sigma: velocity(x, sigma, text), noise, sigmas, kind="sde",
-        noise_level=sampler.noise_level,
-        step_noise=lambda i: keyed_normal(latent_shape, indices, seed, ROLLOUT_STEP, step, i,
-                                          device=device))
-    videos = decode(trajectory.final)
-    scores = rewards(videos, expanded)
-    advantages = group_advantages(scores, rewards.weights, group_size, algo.exp_reward,
-                                  algo.advantage_clamp)
-    return RolloutBatch(expanded, text, trajectory, videos, scores, rewards.total(scores),
-                        advantages, step)
+    expanded, text, trajectory = sample_rollouts(velocity, encode_text, prompts, latent_shape, sigmas,
+                                                 sampler, algo, seed, step, first_prompt_index, device)
+    return score_rollouts(decode, rewards, expanded, text, trajectory, algo, step)

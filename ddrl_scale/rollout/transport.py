@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import threading
 
 import torch
 import torch.distributed as dist
@@ -47,16 +48,20 @@ class Channel:
     def __init__(self, group: dist.ProcessGroup, rank: int, timeout_s: float):
         self.group, self.rank, self.timeout_s = group, rank, timeout_s
         self._pending: list[tuple[dist.Work, torch.Tensor]] = []
+        # a rollout rank sends from its scoring thread while its main thread receives: operations
+        # are posted under this lock (the waits happen outside it)
+        self._lock = threading.Lock()
 
     def send(self, dst: int, header: dict, tensors: dict[str, torch.Tensor] | None = None) -> None:
         layout, payload = pack(tensors or {})
         data = torch.frombuffer(bytearray(json.dumps({**header, "_layout": layout}).encode()),
                                 dtype=torch.uint8)
         sizes = torch.tensor([data.numel(), payload.numel()], dtype=torch.int64)
-        for buffer in (sizes, data, payload):
-            if buffer.numel():
-                self._pending.append((self.group.send([buffer], dst, _TAG), buffer))
-        self._reap()
+        with self._lock:
+            for buffer in (sizes, data, payload):
+                if buffer.numel():
+                    self._pending.append((self.group.send([buffer], dst, _TAG), buffer))
+            self._reap()
 
     def _reap(self) -> None:
         self._pending = [(work, buffer) for work, buffer in self._pending if not work.is_completed()]
@@ -73,17 +78,22 @@ class Channel:
              ) -> tuple[dict, dict[str, torch.Tensor]]:
         timeout_s = self.timeout_s if timeout_s is None else timeout_s
         sizes = torch.zeros(2, dtype=torch.int64)
-        self._wait(self.group.recv([sizes], src, _TAG), src, what, timeout_s)
+        self._wait(self._post_recv(sizes, src), src, what, timeout_s)
         data = torch.empty(int(sizes[0]), dtype=torch.uint8)
-        self._wait(self.group.recv([data], src, _TAG), src, what, timeout_s)
+        self._wait(self._post_recv(data, src), src, what, timeout_s)
         payload = torch.empty(int(sizes[1]), dtype=torch.uint8)
         if payload.numel():
-            self._wait(self.group.recv([payload], src, _TAG), src, what, timeout_s)
+            self._wait(self._post_recv(payload, src), src, what, timeout_s)
         header = json.loads(bytes(data.numpy()).decode())
         return header, unpack(header.pop("_layout"), payload)
 
+    def _post_recv(self, buffer: torch.Tensor, src: int) -> dist.Work:
+        with self._lock:
+            return self.group.recv([buffer], src, _TAG)
+
     def flush(self, timeout_s: float | None = None) -> None:
         """Wait until every send was delivered."""
-        for work, _ in self._pending:
+        with self._lock:
+            pending, self._pending = self._pending, []
+        for work, _ in pending:
             work.wait(datetime.timedelta(seconds=self.timeout_s if timeout_s is None else timeout_s))
-        self._pending = []

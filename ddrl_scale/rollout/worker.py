@@ -2,8 +2,9 @@
 
 It holds an inference copy of the policy (the run's precision; no optimizer, no gradients) and
 obeys trainer rank 0's orders in the order they come: `publish` (receive a new weights version),
-`generate` (sample its share of a step's prompt groups with the SDE sampler, decode, score,
-normalise advantages within each group, and send each trainer the samples of its prompts), `stop`.
+`generate` (sample its share of a step's prompt groups with the SDE sampler; then, on a scoring
+thread while the next order is served, decode, score, normalise advantages within each group and
+send each trainer the samples of its prompts), `stop`.
 The noise of every sample is keyed by (seed, step, global sample index), exactly as in colocated
 rollouts, so where the samples are drawn changes nothing but the floating-point batch shapes.
 """
@@ -15,6 +16,8 @@ import logging
 import os
 import socket
 import time
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -25,7 +28,7 @@ from ddrl_scale.models import PixelVAE, VideoDiT, build_text_encoder, dit_config
 from ddrl_scale.parallel.distributed import World
 from ddrl_scale.parallel.roles import Roles
 from ddrl_scale.rewards import WeightedRewards
-from ddrl_scale.rollout.colocated import generate_rollouts
+from ddrl_scale.rollout.colocated import sample_rollouts, score_rollouts
 from ddrl_scale.rollout.publish import publish_dtype, receive_weights, weights_checksum
 from ddrl_scale.rollout.transport import Channel
 from ddrl_scale.runtime import autocast
@@ -47,6 +50,9 @@ class RolloutWorker:
         self.latent_shape = (video.channels, video.num_frames, video.height, video.width)
         self.channel = Channel(roles.job, roles.job_rank, config.rollout.timeout_s)
         self.version, self.checksum = -1, None
+        # one scoring thread: batches are scored and sent in the order they were sampled
+        self.scorer = ThreadPoolExecutor(1, thread_name_prefix="rollout-score")
+        self.scoring: deque[Future] = deque()
         self.times = {"idle": 0.0, "generate": 0.0, "publish": 0.0}
         # a status file per worker (pid, host, version, last step): what an operator looks at first
         self.status_path = Path(config.run.output_dir) / "rollout" / f"worker{self.index}.json"
@@ -67,13 +73,36 @@ class RolloutWorker:
         self.status_path.write_text(json.dumps(status))
 
     def generate(self, order: dict) -> None:
+        """Sample on this thread (it needs the weights), then score and send on the scoring thread,
+        so decoding and rewards (a remote reward service too) overlap the next batch's sampling."""
         config, step, start = self.config, order["step"], time.perf_counter()
-        batch = generate_rollouts(self.velocity, self.encode_text, self.vae.decode, self.rewards,
-                                  order["prompts"], self.latent_shape, self.sigmas, config.sampler,
-                                  config.algo, config.run.seed, step, order["first_prompt_index"],
-                                  self.device)
-        seconds = time.perf_counter() - start
-        self.times["generate"] += seconds
+        expanded, text, trajectory = sample_rollouts(
+            self.velocity, self.encode_text, order["prompts"], self.latent_shape, self.sigmas,
+            config.sampler, config.algo, config.run.seed, step, order["first_prompt_index"], self.device)
+        self.times["generate"] += time.perf_counter() - start
+        # the version and checksum of the weights that sampled this batch, before a publish moves on
+        stamp = {"version": self.version, "checksum": self.checksum}
+        self.scoring.append(self.scorer.submit(self.score_and_send, order, expanded, text, trajectory,
+                                               stamp, start))
+
+    def score_and_send(self, order: dict, expanded: list[str], text: torch.Tensor,
+                       trajectory, stamp: dict, start: float) -> None:
+        try:
+            self._score_and_send(order, expanded, text, trajectory, stamp, start)
+        except BaseException:
+            # the main thread may be blocked waiting for an order, and the trainers for these
+            # trajectories: end the process now, so torchrun stops the job with this error in the log
+            logger.exception("rollout worker %d (job rank %d): scoring step %d failed", self.index,
+                             self.roles.job_rank, order["step"])
+            logging.shutdown()
+            os._exit(1)
+
+    def _score_and_send(self, order: dict, expanded: list[str], text: torch.Tensor,
+                        trajectory, stamp: dict, start: float) -> None:
+        config = self.config
+        batch = score_rollouts(self.vae.decode, self.rewards, expanded, text, trajectory, config.algo,
+                               stamp["version"])
+        seconds = time.perf_counter() - start  # sampling to scored, overlap included
         group = config.algo.group_size
         for dst, low, high in order["targets"]:
             part = slice(low * group, high * group)
@@ -81,10 +110,14 @@ class RolloutWorker:
                        "log_probs": batch.trajectory.log_probs[:, part],
                        "advantages": batch.advantages[part], "total_reward": batch.total_reward[part],
                        **{f"reward/{name}": value[part] for name, value in batch.rewards.items()}}
-            header = {"step": step, "version": self.version, "checksum": self.checksum,
-                      "worker": self.index, "samples": len(batch.prompts), "seconds": seconds,
-                      **self.times}
+            header = {"step": order["step"], **stamp, "worker": self.index,
+                      "samples": len(batch.prompts), "seconds": seconds, **self.times}
             self.channel.send(dst, header, tensors)
+
+    def finish_scoring(self, all_of_them: bool) -> None:
+        """Raise a scoring thread's error here; with all_of_them, wait for every batch first."""
+        while self.scoring and (all_of_them or self.scoring[0].done()):
+            self.scoring.popleft().result()
 
     def run(self) -> None:
         """Obey orders until `stop`."""
@@ -94,7 +127,9 @@ class RolloutWorker:
             order, _ = self.channel.recv(self.roles.controller, "order")
             start = time.perf_counter()
             self.times["idle"] += start - mark
+            self.finish_scoring(all_of_them=False)
             if order["op"] == "stop":
+                self.finish_scoring(all_of_them=True)
                 break
             if order["op"] == "publish":
                 self.version = receive_weights(self.model, self.roles.publish, self.device)
@@ -105,10 +140,11 @@ class RolloutWorker:
             elif order["op"] == "generate":
                 self.write_status("generating", order["step"])
                 self.generate(order)
-                self.write_status("sent", order["step"])
+                self.write_status("sampled", order["step"])
             else:
                 raise ValueError(f"rollout worker {self.index}: unknown order '{order['op']}'")
             mark = time.perf_counter()
+        self.scorer.shutdown(wait=True)
         self.channel.flush(timeout_s=60)
         self.write_status("stopped")
         logger.info("rollout worker %d stopped (version %d)", self.index, self.version)
