@@ -10,6 +10,7 @@ the recorded lag must never exceed 1. Weights are checked after every publish by
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import re
@@ -88,14 +89,37 @@ def test_two_trainers_one_rollout_rank_match_colocated_fsdp2(base: list[str], ru
                                rtol=1e-5, atol=1e-6)
 
 
-def test_one_trainer_two_rollout_ranks_match_single_process(base: list[str], runs: Path):
-    single = _train(base, runs, "single", 1)
+@pytest.fixture(scope="module")
+def single(base: list[str], runs: Path) -> Path:
+    return _train(base, runs, "single", 1)
+
+
+def test_one_trainer_two_rollout_ranks_match_single_process(base: list[str], runs: Path, single: Path):
     remote = _train(base, runs, "1t2r", 3, *DISAGGREGATED, "rollout.num_ranks=2")
     _assert_metrics_close(_metrics(remote), _metrics(single), (1, 2, 3, 4),
                           "1 trainer + 2 rollout ranks vs one process")
     assert _check_publishes(remote, 0) == [0, 0, 0, 0]
     for worker in (0, 1):
         assert json.loads((remote / "rollout" / f"worker{worker}.json").read_text())["state"] == "stopped"
+
+
+@pytest.mark.parametrize("engine", [
+    pytest.param(["parallel.engine=deepspeed", "parallel.zero_stage=3"], id="deepspeed-zero3",
+                 marks=pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None,
+                                          reason="needs deepspeed (the deepspeed extra)")),
+    pytest.param(["parallel.engine=megatron", "parallel.tp=2"], id="megatron-tp2",
+                 marks=pytest.mark.skipif(importlib.util.find_spec("megatron") is None,
+                                          reason="needs megatron-core (the megatron extra)")),
+])
+def test_sharded_engines_publish_to_rollout_ranks(base: list[str], runs: Path, single: Path,
+                                                  engine: list[str]):
+    """ZeRO-3 and Megatron TP trainers stream full weights to a rollout rank: checksums hold and the
+    losses match one process."""
+    name = engine[0].split("=")[1]
+    remote = _train(base, runs, f"2t1r-{name}", 3, *engine, *DISAGGREGATED)
+    _assert_metrics_close(_metrics(remote), _metrics(single), (1, 2, 3, 4),
+                          f"2 {name} trainers + 1 rollout rank vs one process")
+    assert _check_publishes(remote, 0) == [0, 0, 0, 0]
 
 
 def test_policy_lag_1_overlaps_and_never_exceeds_1(base: list[str], runs: Path):
