@@ -15,7 +15,7 @@ $(BIN)/ddrl: setup.py
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet $(PINS)
-	DS_BUILD_OPS=0 $(BIN)/pip install --quiet -e '.[dev,deepspeed,megatron,telemetry,video,triton]'
+	DS_BUILD_OPS=0 $(BIN)/pip install --quiet -e '.[dev,deepspeed,megatron,telemetry,video,triton,diffusers,logging]'
 	touch $@
 
 demo: setup

@@ -55,7 +55,8 @@ def cmd_data_demo(args: argparse.Namespace) -> None:
 def cmd_ckpt_export(args: argparse.Namespace) -> None:
     from ddrl_scale.train.export import export_checkpoint
 
-    path = export_checkpoint(args.checkpoint, args.out, ema=args.ema, dtype=args.dtype)
+    path = export_checkpoint(args.checkpoint, args.out, ema=args.ema, dtype=args.dtype,
+                             format=args.format)
     print(f"exported {'EMA ' if args.ema else ''}weights to {path}")
 
 
@@ -168,9 +169,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     ckpt = commands.add_parser("ckpt", help="checkpoint tools")
     ckpt_commands = ckpt.add_subparsers(dest="ckpt_command", required=True)
-    export = ckpt_commands.add_parser("export", help="consolidate a checkpoint into one safetensors file")
+    export = ckpt_commands.add_parser("export", help="consolidate a checkpoint: one safetensors file "
+                                                     "or a diffusers folder")
     export.add_argument("checkpoint", help="checkpoint folder, or a run folder (its latest checkpoint)")
-    export.add_argument("--out", required=True, help="output .safetensors file")
+    export.add_argument("--out", required=True,
+                        help="output .safetensors file, or folder for --format diffusers")
+    export.add_argument("--format", default="safetensors", choices=["safetensors", "diffusers"],
+                        help="safetensors: one file; diffusers: OUT/transformer/ loadable by diffusers "
+                             "(model.kind=diffusers_wan)")
     export.add_argument("--ema", action="store_true", help="export the EMA weights")
     export.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
     export.set_defaults(handler=cmd_ckpt_export)

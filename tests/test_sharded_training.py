@@ -37,3 +37,31 @@ def test_sharded_loader_run_resumes_exactly(base: list[str], tmp_path: Path):
     for step in (1, 2, 3, 4):
         assert {k: got[step][k] for k in LOSS_KEYS} == {k: want[step][k] for k in LOSS_KEYS}, step
         assert got[step]["anchor_samples_skipped"] == 0
+
+
+def test_prepared_shards_with_caption_embeddings_need_no_text_encoder(tmp_path: Path, tiny_overrides,
+                                                                      monkeypatch: pytest.MonkeyPatch):
+    """mp4 -> `prepare` with a text encoder -> data.split=sharded: a DDRL step conditions the data
+    term and the rollouts on the shards' embeddings, never calling the run's text encoder."""
+    import math
+
+    from test_data_prepare import make_videos
+
+    from ddrl_scale.data.prepare import PrepareSettings, prepare
+    from ddrl_scale.train.trainer import Trainer
+
+    make_videos(tmp_path / "videos", 4)
+    settings = PrepareSettings(num_frames=4, height=8, width=8, samples_per_shard=2,
+                               text_encoder="hash:8:12")  # the tiny model's text_dim, tokens
+    prepare(str(tmp_path / "videos"), tmp_path / "anchor", settings)
+    config = load_config(None, [*tiny_overrides, f"data.shards={tmp_path / 'anchor'}",
+                                "data.split=sharded", "data.buckets=[[3,4,8,8]]", "train.steps=1"])
+    trainer = Trainer(config)
+
+    def refuse(*_):
+        raise AssertionError("the run's text encoder was called despite precomputed embeddings")
+
+    monkeypatch.setattr(trainer.text_encoder, "encode", refuse)
+    metrics = trainer.iteration()
+    assert math.isfinite(metrics["loss"]) and metrics["data_loss"] > 0
+    trainer.loader.close()

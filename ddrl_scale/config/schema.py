@@ -62,8 +62,29 @@ class ModelSection:
     attention_backend: str = "auto"  # auto | sdpa | flash
     qk_norm: bool = True
     init_checkpoint: str = "builtin:base"  # builtin:base | path to .safetensors | none (random init)
+    # --- model kind and diffusers adapters (models/wan.py); begin ---
+    kind: str = "dit"  # dit (the built-in VideoDiT) | diffusers_wan (a diffusers WanTransformer3DModel)
+    # diffusers_wan: local diffusers folder with transformer/ (optionally vae/, text_encoder/,
+    # tokenizer/, scheduler/); read with from_pretrained, never from a hub
+    pretrained: str = ""
+    # diffusers_wan convention: the transformer gets timestep = sigma * timestep_scale (Wan: 1000),
+    # and our velocity (noise - x0) = velocity_sign * its output (Wan predicts noise - x0: +1)
+    timestep_scale: float = 1000.0
+    velocity_sign: float = 1.0
+    text_encoder: str = "auto"  # diffusers_wan: auto (text_encoder/ if any, else hash) | hash | pretrained
+    vae: str = "auto"  # diffusers_wan: auto (vae/ if present, else pixel) | pixel | pretrained
+    # --- model kind and diffusers adapters; end ---
 
     def __post_init__(self) -> None:
+        _check(self.kind in ("dit", "diffusers_wan"), "model.kind", "dit|diffusers_wan", self.kind)
+        _check(self.kind != "diffusers_wan" or self.pretrained.strip() != "", "model.pretrained",
+               "a local diffusers folder when model.kind=diffusers_wan", self.pretrained)
+        _check(math.isfinite(self.timestep_scale) and self.timestep_scale > 0, "model.timestep_scale",
+               "a float > 0", self.timestep_scale)
+        _check(self.velocity_sign in (1.0, -1.0), "model.velocity_sign", "1 or -1", self.velocity_sign)
+        _check(self.text_encoder in ("auto", "hash", "pretrained"), "model.text_encoder",
+               "auto|hash|pretrained", self.text_encoder)
+        _check(self.vae in ("auto", "pixel", "pretrained"), "model.vae", "auto|pixel|pretrained", self.vae)
         _check(self.hidden_size % self.num_heads == 0, "model.hidden_size",
                f"a multiple of model.num_heads={self.num_heads}", self.hidden_size)
         head_dim = self.hidden_size // self.num_heads
@@ -197,6 +218,8 @@ class TrainSection:
     resume: str = "auto"  # auto (latest checkpoint of run.output_dir, if any) | none | a checkpoint dir
     progress: bool = True
     telemetry_interval_s: float = 5.0  # GPU (NVML) or CPU (psutil) sampling into the metrics; 0 = off
+    tensorboard: bool = False  # TensorBoard events (scalars, before/after samples) in RUN_DIR/tensorboard
+    wandb_project: str = ""  # Weights & Biases project; "" = off (WANDB_MODE is honoured)
 
     def __post_init__(self) -> None:
         _check(self.steps >= 0, "train.steps", ">= 0", self.steps)

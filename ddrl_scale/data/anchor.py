@@ -28,6 +28,7 @@ class AnchorBatch:
     latents: torch.Tensor  # (B, C, T, H, W)
     captions: list[str]
     keys: list[str]
+    text: torch.Tensor | None = None  # (B, L, D) caption embeddings, when the shards carry them
 
 
 def pixels_to_video(array: np.ndarray) -> torch.Tensor:

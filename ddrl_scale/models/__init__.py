@@ -6,15 +6,17 @@ import json
 from importlib import resources
 from pathlib import Path
 
+import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from ddrl_scale.models.dit import DiTConfig, VideoDiT, flops_per_sample
+from ddrl_scale.models.dit import DiTConfig, VideoDiT
+from ddrl_scale.models.dit import flops_per_sample as dit_flops_per_sample
 from ddrl_scale.models.text import HashTextEncoder
 from ddrl_scale.models.vae import PixelVAE
 
-__all__ = ["DiTConfig", "HashTextEncoder", "PixelVAE", "VideoDiT", "build_model", "flops_per_sample",
-           "load_weights", "save_weights"]
+__all__ = ["DiTConfig", "HashTextEncoder", "PixelVAE", "VideoDiT", "build_model", "build_vae",
+           "flops_per_sample", "load_weights", "policy_from_dict", "save_weights"]
 
 BUILTIN_BASE = "builtin:base"
 
@@ -67,14 +69,73 @@ def load_weights(model: VideoDiT, spec: str) -> str:
     return str(path)
 
 
-def build_model(config) -> VideoDiT:
-    """The policy of a `RunConfig`, initialised from `model.init_checkpoint` when set."""
+# --- model.kind dispatch (dit | diffusers_wan); begin ---
+def build_model(config) -> torch.nn.Module:
+    """The policy of a `RunConfig`: model.kind=dit a VideoDiT initialised from
+    `model.init_checkpoint` when set; diffusers_wan the Wan adapter of models/wan.py."""
+    if config.model.kind == "diffusers_wan":
+        from ddrl_scale.config.schema import ConfigError
+        from ddrl_scale.models.wan import load_wan_policy
+
+        if config.parallel.cp > 1:
+            raise ConfigError("config key 'parallel.cp': expected 1 with model.kind=diffusers_wan "
+                              f"(context parallel is implemented for the built-in DiT only), got "
+                              f"{config.parallel.cp}")
+        if config.parallel.engine == "megatron":
+            raise ConfigError("config key 'parallel.engine': expected none|fsdp2|deepspeed with "
+                              "model.kind=diffusers_wan (the Megatron engine builds the DiT), got 'megatron'")
+        return load_wan_policy(config)
     model = VideoDiT(dit_config_from(config))
     if config.model.init_checkpoint.lower() not in ("", "none"):
         load_weights(model, config.model.init_checkpoint)
     return model
 
 
-def build_text_encoder(config) -> HashTextEncoder:
+def policy_from_dict(values: dict) -> torch.nn.Module:
+    """A randomly initialised policy of a config recorded by a checkpoint ("dit_config")."""
+    if values.get("kind", "dit") == "diffusers_wan":
+        from ddrl_scale.models.wan import wan_policy_from_dict
+
+        return wan_policy_from_dict(values)
+    return VideoDiT(DiTConfig.from_dict(values))
+
+
+def flops_per_sample(model_config, training: bool = True) -> float:
+    """Matmul FLOPs of one sample (x3 with `training`) of either policy kind, from its `config`:
+    a DiTConfig (`models.dit.flops_per_sample`) or a WanPolicyConfig (`models.wan`)."""
+    if getattr(model_config, "kind", "dit") == "diffusers_wan":
+        from ddrl_scale.models.wan import wan_flops_per_sample
+
+        return wan_flops_per_sample(model_config, training)
+    return dit_flops_per_sample(model_config, training)
+
+
+def _wan_component(config, setting: str, sub: str) -> bool:
+    """Whether a diffusers_wan run uses the pretrained folder's `sub`/ (auto: when it is there)."""
+    if config.model.kind != "diffusers_wan" or setting in ("hash", "pixel"):
+        return False
+    present = (Path(config.model.pretrained) / sub).is_dir()
+    if setting == "pretrained" and not present:
+        raise FileNotFoundError(f"model.{'text_encoder' if sub == 'text_encoder' else 'vae'}=pretrained: "
+                                f"'{config.model.pretrained}' has no {sub}/ folder")
+    return present
+
+
+def build_text_encoder(config, device: str | torch.device = "cpu"):
+    """The run's text encoder: `encode(prompts, device) -> (B, max_text_tokens, text_dim)`."""
+    if _wan_component(config, config.model.text_encoder, "text_encoder"):
+        from ddrl_scale.models.wan import WanTextEncoder
+
+        return WanTextEncoder(config.model.pretrained, config.model.max_text_tokens, device)
     return HashTextEncoder(config.model.text_dim, config.model.max_text_tokens)
+
+
+def build_vae(config, device: str | torch.device = "cpu"):
+    """The run's VAE: the demo's PixelVAE, or a diffusers_wan folder's vae/ (AutoencoderKLWan)."""
+    if _wan_component(config, config.model.vae, "vae"):
+        from ddrl_scale.data.encoders import DiffusersVideoVAE
+
+        return DiffusersVideoVAE.from_folder(Path(config.model.pretrained) / "vae", str(device))
+    return PixelVAE()
+# --- model.kind dispatch; end ---
 

@@ -38,11 +38,12 @@ def overlap(a: slice, b: slice) -> tuple[int, int] | None:
 
 class RemoteRollouts:
     def __init__(self, config: RunConfig, roles: Roles, world: World, engine: Engine,
-                 prompt_slices: list[slice], encode_text: Callable[[list[str]], torch.Tensor],
+                 prompt_slices: list[slice], batch_text: Callable[[AnchorBatch, int], torch.Tensor],
                  sigmas: torch.Tensor):
-        """prompt_slices[t]: the step's prompts of trainer rank t (its data-parallel share)."""
+        """prompt_slices[t]: the step's prompts of trainer rank t (its data-parallel share);
+        batch_text(batch, G): the text embeddings of the batch's captions, each repeated G times."""
         self.config, self.roles, self.world, self.engine = config, roles, world, engine
-        self.prompt_slices, self.encode_text, self.sigmas = prompt_slices, encode_text, sigmas
+        self.prompt_slices, self.batch_text, self.sigmas = prompt_slices, batch_text, sigmas
         self.channel = Channel(roles.job, roles.job_rank, config.rollout.timeout_s)
         prompts, workers = config.algo.prompts_per_step, roles.num_rollout
         self.worker_slices = [slice(j * prompts // workers, (j + 1) * prompts // workers)
@@ -138,7 +139,7 @@ class RemoteRollouts:
         expanded = [caption for caption in batch.captions for _ in range(group)]
         trajectory = Trajectory(joined("states", 1), None, joined("log_probs", 1), self.sigmas)
         names = [key.split("/", 1)[1] for key in pieces[0][1] if key.startswith("reward/")]
-        return RolloutBatch(expanded, self.encode_text(expanded), trajectory, None,
+        return RolloutBatch(expanded, self.batch_text(batch, group), trajectory, None,
                             {name: joined(f"reward/{name}") for name in names}, joined("total_reward"),
                             joined("advantages"), min(header["version"] for header, _ in pieces))
 

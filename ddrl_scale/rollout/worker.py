@@ -24,7 +24,7 @@ import torch
 
 from ddrl_scale.algo.schedules import sigma_schedule
 from ddrl_scale.config import RunConfig
-from ddrl_scale.models import PixelVAE, VideoDiT, build_text_encoder, dit_config_from
+from ddrl_scale.models import build_model, build_text_encoder, build_vae
 from ddrl_scale.parallel.distributed import World
 from ddrl_scale.parallel.roles import Roles
 from ddrl_scale.rewards import WeightedRewards
@@ -40,10 +40,10 @@ class RolloutWorker:
     def __init__(self, config: RunConfig, roles: Roles, world: World):
         self.config, self.roles, self.device = config, roles, world.device
         self.index = roles.rollout_ranks.index(roles.job_rank)
-        # the weights come from the first publish; the architecture alone comes from the config
-        self.model = VideoDiT(dit_config_from(config)).to(self.device, publish_dtype(config.run.dtype))
+        # the weights that count come with the first publish; the architecture from the config
+        self.model = build_model(config).to(self.device, publish_dtype(config.run.dtype))
         self.model.eval().requires_grad_(False)
-        self.text_encoder, self.vae = build_text_encoder(config), PixelVAE()
+        self.text_encoder, self.vae = build_text_encoder(config, self.device), build_vae(config, self.device)
         self.rewards = WeightedRewards([(r.name, r.weight, dict(r.args)) for r in config.rewards])
         self.sigmas = sigma_schedule(config.sampler.num_steps, config.sampler.shift)
         video = config.video

@@ -15,9 +15,11 @@ from ddrl_scale.config.schema import RunConfig
 from ddrl_scale.models import dit_config_from, flops_per_sample
 
 
-def ddrl_iteration_flops(config: RunConfig) -> dict[str, float]:
-    """Global model FLOPs of one iteration, by phase: rollout, policy training, data term."""
-    forward = flops_per_sample(dit_config_from(config), training=False)
+def ddrl_iteration_flops(config: RunConfig, model_config=None) -> dict[str, float]:
+    """Global model FLOPs of one iteration, by phase: rollout, policy training, data term.
+
+    model_config: the policy's `config` (a Wan adapter's, say); default: the config's DiT."""
+    forward = flops_per_sample(model_config or dit_config_from(config), training=False)
     settings, steps = config.algo, config.sampler.num_steps
     samples = settings.prompts_per_step * settings.group_size
     trained = len(range(settings.train_timestep_offset, steps, settings.train_timestep_stride))

@@ -59,11 +59,12 @@ def device_peak_flops(device: torch.device | str, dtype: torch.dtype) -> float:
 
 
 def step_throughput(config: RunConfig, step_time_s: float, peak_flops: float,
-                    num_devices: int = 1) -> dict[str, float]:
+                    num_devices: int = 1, model_config=None) -> dict[str, float]:
     """samples_per_s (rollout videos generated per second, all ranks), video_tokens_per_s (their
     latent tokens after patching) and mfu, for one iteration of `config` taking `step_time_s`.
 
-    peak_flops: per device (device_peak_flops); num_devices: the devices the iteration ran on.
+    peak_flops: per device (device_peak_flops); num_devices: the devices the iteration ran on;
+    model_config: the policy's `config` (default: the config's DiT).
     """
     if not step_time_s > 0:
         raise ValueError(f"step_throughput step_time_s: expected seconds > 0, got {step_time_s!r}")
@@ -71,8 +72,8 @@ def step_throughput(config: RunConfig, step_time_s: float, peak_flops: float,
         raise ValueError(f"step_throughput: expected peak_flops > 0 and num_devices >= 1, got "
                          f"{peak_flops!r} and {num_devices!r}")
     samples = config.algo.prompts_per_step * config.algo.group_size
-    tokens = dit_config_from(config).num_tokens
-    model_flops = sum(ddrl_iteration_flops(config).values())
+    tokens = (model_config or dit_config_from(config)).num_tokens
+    model_flops = sum(ddrl_iteration_flops(config, model_config).values())
     return {
         "samples_per_s": samples / step_time_s,
         "video_tokens_per_s": samples * tokens / step_time_s,

@@ -33,6 +33,7 @@ def _before(trainer: Trainer, run_dir: Path) -> tuple[dict, torch.Tensor]:
     if trainer.step > 0 and json_path.is_file() and videos_path.is_file():
         return json.loads(json_path.read_text()), load_file(str(videos_path))["videos"]
     result = trainer.run_evaluation()  # every rank: a sharded policy's forward is collective
+    trainer.loggers.log_videos("samples/before", result.videos[:8], 0)
     if trainer.world.is_main:
         write_json(result.summary(), json_path)
         save_file({"videos": result.videos.cpu().contiguous()}, str(videos_path))
@@ -63,6 +64,7 @@ def run_training(config: RunConfig) -> dict:
     evaluating = config.train.eval_prompts > 0
     before, before_videos = _before(trainer, run_dir) if evaluating else (None, None)
     if not trainer.train():  # preempted: checkpointed; the requeued job resumes and reports
+        trainer.loggers.close()
         logger.warning("stopped at step %d on a preemption request; resume with the same command",
                        trainer.step)
         return {"steps": trainer.step, "preempted": True} if main else {}
@@ -73,6 +75,9 @@ def run_training(config: RunConfig) -> dict:
                "train_flops_per_sample": flops_per_sample(trainer.engine.model.config),
                "eval_sampler": "ode (fixed prompts and initial noise)", "before": before}
     after = trainer.run_evaluation() if evaluating else None
+    if after is not None:
+        trainer.loggers.log_videos("samples/after", after.videos[:8], trainer.step)
+    trainer.loggers.close()
     if not main:
         return {}
     if after is not None:

@@ -26,7 +26,7 @@ from ddrl_scale.algo.schedules import add_noise, sigma_schedule
 from ddrl_scale.config import ConfigError, RunConfig, save_config
 from ddrl_scale.data.anchor import AnchorBatch
 from ddrl_scale.data.sharded import build_loader, gather_state
-from ddrl_scale.models import PixelVAE, build_model, build_text_encoder
+from ddrl_scale.models import build_model, build_text_encoder, build_vae
 from ddrl_scale.parallel import World, build_engine, init_world
 from ddrl_scale.parallel.distributed import barrier, reduce_metrics
 from ddrl_scale.parallel.roles import Roles
@@ -40,6 +40,7 @@ from ddrl_scale.telemetry.timers import PhaseTimer
 from ddrl_scale.train.anchor_data import demo_shards
 from ddrl_scale.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from ddrl_scale.train.evaluate import EvalResult, eval_prompts, evaluate
+from ddrl_scale.train.loggers import build_loggers
 from ddrl_scale.train.metrics import MetricsWriter
 from ddrl_scale.train.preemption import StopRequest
 
@@ -84,7 +85,8 @@ class Trainer:
         self.model_parallel = config.parallel.cp * config.parallel.tp
         self.prompt_slice = local_slice(config.algo.prompts_per_step, self.world, self.model_parallel,
                                         "algo.prompts_per_step")
-        self.text_encoder, self.vae = build_text_encoder(config), PixelVAE()
+        self.text_encoder = build_text_encoder(config, self.device)
+        self.vae = build_vae(config, self.device)
         self.rewards = WeightedRewards([(r.name, r.weight, dict(r.args)) for r in config.rewards])
         self.loss_fn = algo.get("loss", config.algo.name)
         model = build_model(config)
@@ -112,6 +114,8 @@ class Trainer:
         # phases of each step; on a GPU every boundary synchronises so kernels land where launched
         self.timer = PhaseTimer(synchronize=self.device.type == "cuda", device=self.device)
         self.peak_flops = device_peak_flops(self.device, RUN_DTYPES[config.run.dtype])
+        self.loggers = build_loggers(self.run_dir, config.train.tensorboard, config.train.wandb_project,
+                                     config.run.name, dataclasses.asdict(config), self.world.is_main)
         # read-ahead anchor batches (step, batch, loader state before it) whose rollouts are ordered
         self.pending: deque[tuple[int, AnchorBatch, dict]] = deque()
         self.remote = None
@@ -119,8 +123,12 @@ class Trainer:
             slices = [local_slice(config.algo.prompts_per_step, dataclasses.replace(self.world, rank=rank),
                                   self.model_parallel, "algo.prompts_per_step")
                       for rank in range(self.world.world_size)]
+            # the rollout ranks encode the prompts themselves, so the trainers do too (precomputed
+            # caption embeddings in the shards are not used with disaggregated rollouts)
             self.remote = RemoteRollouts(config, roles, self.world, self.engine, slices,
-                                         self.encode_text, self.sigmas)
+                                         lambda batch, group: self.batch_text(
+                                             dataclasses.replace(batch, text=None), group),
+                                         self.sigmas)
 
     # -- stages -------------------------------------------------------------------------------
     def encode_text(self, prompts: list[str]) -> torch.Tensor:
@@ -132,14 +140,26 @@ class Trainer:
 
     def next_batch(self) -> AnchorBatch:
         batch = self.loader.next_batch()
+        text = getattr(batch, "text", None)  # precomputed caption embeddings, when present
         if self.sharded_data:  # already this data-parallel rank's share
-            return AnchorBatch(batch.latents, batch.captions, batch.keys)
+            return AnchorBatch(batch.latents, batch.captions, batch.keys, text)
         share = self.prompt_slice
-        return AnchorBatch(batch.latents[share], batch.captions[share], batch.keys[share])
+        return AnchorBatch(batch.latents[share], batch.captions[share], batch.keys[share],
+                           None if text is None else text[share])
+
+    def batch_text(self, batch: AnchorBatch, repeats: int = 1) -> torch.Tensor:
+        """Text embeddings of the batch's captions, each repeated `repeats` times in order: the
+        shards' precomputed ones when present, else the run's text encoder."""
+        if batch.text is not None and self.remote is None:
+            return batch.text.to(self.device).repeat_interleave(repeats, dim=0)
+        return self.encode_text([caption for caption in batch.captions for _ in range(repeats)])
 
     def rollout(self, batch: AnchorBatch) -> RolloutBatch:
         # each group's prompt is its paired data item's caption (the released recipe)
-        return generate_rollouts(self.velocity, self.encode_text, self.vae.decode,
+        # the prompts are the captions, each repeated G times in order
+        group = self.config.algo.group_size
+        encode = self.encode_text if batch.text is None else (lambda _: self.batch_text(batch, group))
+        return generate_rollouts(self.velocity, encode, self.vae.decode,
                                  TimedRewards(self.rewards, self.timer),
                                  batch.captions, self.latent_shape, self.sigmas, self.config.sampler,
                                  self.config.algo, self.config.run.seed, self.step,
@@ -164,8 +184,7 @@ class Trainer:
             noise, sigma = data_term_draws(x0.shape[1:], items, self.config.run.seed, self.step,
                                            index, device=self.device)
         with self.timer.phase("forward"):
-            v_pred = self.engine.forward(add_noise(x0, noise, sigma), sigma,
-                                         self.encode_text(batch.captions))
+            v_pred = self.engine.forward(add_noise(x0, noise, sigma), sigma, self.batch_text(batch))
         return flow_matching_loss(v_pred, x0, noise)
 
     def optimize(self, batch: AnchorBatch, rollouts: RolloutBatch) -> dict[str, float]:
@@ -272,7 +291,7 @@ class Trainer:
             advantage_abs_mean=rollouts.advantages.abs().mean().item(), lr=self.engine.lr, **timing,
             time_train=sum(timing.get(f"time_{name}", 0.0) for name in ("forward", "backward", "optimizer")),
             **step_throughput(self.config, timing["time_step"], self.peak_flops,
-                              self.world.world_size),
+                              self.world.world_size, self.engine.model.config),
             **{f"reward_{name}_mean": value.mean().item() for name, value in rollouts.rewards.items()})
         # means over ranks are global means (equal shares); the std is rebuilt from E[r^2] - E[r]^2
         metrics = reduce_metrics(metrics, self.world)
@@ -306,7 +325,9 @@ class Trainer:
             metrics = self.iteration()
             logged = self.step % config.train.log_every == 0 or self.step == config.train.steps
             if writer is not None and logged:
-                writer.write({**metrics, **(telemetry.snapshot() if telemetry else {})})
+                metrics = {**metrics, **(telemetry.snapshot() if telemetry else {})}
+                writer.write(metrics)
+                self.loggers.log_metrics(metrics, self.step)
             progress.update(1)
             progress.set_postfix(reward=f"{metrics['reward_mean']:.3f}",
                                  data=f"{metrics.get('data_loss', float('nan')):.3f}")
