@@ -10,6 +10,7 @@ import copy
 import pytest
 import torch
 
+from ddrl_scale import kernels
 from ddrl_scale.algo.losses import ddrl_loss, flow_matching_loss, reverse_kl
 from ddrl_scale.algo.samplers import sde_step
 from ddrl_scale.algo.schedules import add_noise
@@ -74,27 +75,34 @@ def _tiny_setup(dtype, seed=0):
     return model, batch
 
 
-def _ddrl(model, batch):
+def _ddrl(model, batch, backend: str | None = None):
     """The full DDRL loss: release weights (data_beta 0.01, loss_scale 10) plus kl_beta 1.
 
     With these weights the three terms contribute gradients of the same order (~1e-3 each on the
-    chosen parameters), so a wrong gradient in any one of them fails the comparison.
+    chosen parameters), so a wrong gradient in any one of them fails the comparison. backend: the
+    fused kernels' (ddrl_scale.kernels) in place of the algo/ references, as the trainer runs them.
     """
     v = model(batch["x"], batch["sigma"], batch["text"])
-    _, log_prob, mean, std = sde_step(v, batch["x"], SIGMA, SIGMA_NEXT, prev_sample=batch["prev"])
     t = batch["t"]
     x_t = add_noise(batch["x0"], batch["noise"], t)
-    data_loss = flow_matching_loss(model(x_t, t, batch["text"]), batch["x0"], batch["noise"],
-                                   weight=(t**2 + 1) / t**2)
+    if backend is None:
+        _, log_prob, mean, std = sde_step(v, batch["x"], SIGMA, SIGMA_NEXT, prev_sample=batch["prev"])
+        data_loss = flow_matching_loss(model(x_t, t, batch["text"]), batch["x0"], batch["noise"],
+                                       weight=(t**2 + 1) / t**2)
+    else:
+        log_prob, mean, std = kernels.sde_log_prob(v, batch["x"], batch["prev"], SIGMA, SIGMA_NEXT, 0.7,
+                                                   backend=backend, return_mean=True, return_std=True)
+        data_loss = kernels.flow_matching_loss(model(x_t, t, batch["text"]), batch["x0"], batch["noise"],
+                                               weight=(t**2 + 1) / t**2, backend=backend)
     kl = reverse_kl(mean, batch["ref_mean"], std)
     return ddrl_loss(log_prob=log_prob, old_log_prob=batch["old_log_prob"],
                      advantages=torch.tensor(ADVANTAGES), clip_eps=CLIP_EPS, policy_weight=1.0,
                      data_beta=0.01, kl_beta=1.0, loss_scale=10.0, data_loss=data_loss, kl=kl)
 
 
-def _check_gradients(model, batch, eps, rtol, atol):
+def _check_gradients(model, batch, eps, rtol, atol, backend=None):
     parameters = dict(model.named_parameters())
-    loss, stats = _ddrl(model, batch)
+    loss, stats = _ddrl(model, batch, backend)
     # the setup really has ratios != 1, inside and outside the clip range
     assert 0.0 < stats["clip_fraction"].item() < 1.0
     grads = torch.autograd.grad(loss, [parameters[name] for name, _ in CHOSEN])
@@ -103,9 +111,9 @@ def _check_gradients(model, batch, eps, rtol, atol):
         with torch.no_grad():
             original = parameter[index].item()
             parameter[index] = original + eps
-            plus = _ddrl(model, batch)[0].item()
+            plus = _ddrl(model, batch, backend)[0].item()
             parameter[index] = original - eps
-            minus = _ddrl(model, batch)[0].item()
+            minus = _ddrl(model, batch, backend)[0].item()
             parameter[index] = original
         finite_difference = (plus - minus) / (2 * eps)
         assert grad[index].item() == pytest.approx(finite_difference, rel=rtol, abs=atol), name
@@ -121,14 +129,16 @@ def single_thread():
     torch.set_num_threads(threads)
 
 
-def test_ddrl_gradient_matches_finite_differences_float64():
-    """Autograd grads of the full DDRL loss == central differences (eps 1e-6, rtol 1e-4), fp64.
+@pytest.mark.parametrize("backend", [None, "compile"], ids=["reference", "fused"])
+def test_ddrl_gradient_matches_finite_differences_float64(backend):
+    """Autograd grads of the full DDRL loss == central differences (eps 1e-6, rtol 1e-4), fp64,
+    with the algo/ references and with the fused kernels' custom backward.
 
     The library keeps float64 tensors in float64 (it only upcasts half precision), so the whole
     graph is float64 and a 1e-6 central difference is accurate.
     """
     model, batch = _tiny_setup(torch.float64)
-    loss = _check_gradients(model, batch, eps=1e-6, rtol=1e-4, atol=1e-7)
+    loss = _check_gradients(model, batch, eps=1e-6, rtol=1e-4, atol=1e-7, backend=backend)
     assert loss.dtype == torch.float64
 
 
@@ -140,10 +150,12 @@ GOLDEN_LOSS = 4.07779
 GOLDEN_TERMS = {"policy_loss": 0.0848470, "data_loss": 24.0645, "kl": 0.0822869}
 
 
-def test_golden_ddrl_loss_fp32():
-    """Under torch.manual_seed(0) the fp32 DDRL loss of the tiny setup equals the stored value."""
+@pytest.mark.parametrize("backend", [None, "compile"], ids=["reference", "fused"])
+def test_golden_ddrl_loss_fp32(backend):
+    """Under torch.manual_seed(0) the fp32 DDRL loss of the tiny setup equals the stored value,
+    with the references and with the fused kernels the trainer uses by default on CPU."""
     model, batch = _tiny_setup(torch.float32, seed=0)
-    loss, stats = _ddrl(model, batch)
+    loss, stats = _ddrl(model, batch, backend)
     assert loss.dtype == torch.float32
     assert loss.item() == pytest.approx(GOLDEN_LOSS, rel=1e-5)
     for name, value in GOLDEN_TERMS.items():

@@ -214,3 +214,21 @@ def test_preemption_request_checkpoints_and_stops_then_resumes(tiny_overrides):
     assert third.train() is True and third.step == config.train.steps
     assert [r["step"] for r in read_metrics(run_dir / "metrics.jsonl")] == [1, 2, 3]
     assert not (run_dir / ".preempt_requested").exists()
+
+
+def test_fused_kernels_train_like_the_references(tiny_overrides, tmp_path):
+    """The default CPU path (kernels.backend=auto -> the compiled fused kernels) and the eager
+    references give the same losses (rel 1e-5: only the summation order differs); with the KL term
+    on too, and the on-policy ratio stays exactly 1 with either."""
+    runs = {}
+    for backend in ("auto", "torch"):
+        overrides = [*tiny_overrides, f"kernels.backend={backend}", "algo.kl_beta=0.1",
+                     f"run.output_dir={tmp_path / backend}"]
+        trainer = _train(overrides)
+        assert trainer.kernel_backend == ("compile" if backend == "auto" else "torch")
+        runs[backend] = read_metrics(tmp_path / backend / "metrics.jsonl")
+    for fused, reference in zip(runs["auto"], runs["torch"]):
+        for key in ("loss", "policy_loss", "data_loss", "kl", "grad_norm", "reward_mean"):
+            assert fused[key] == pytest.approx(reference[key], rel=1e-5, abs=1e-7), key
+        assert fused["ratio_max_dev"] == 0.0 and reference["ratio_max_dev"] == 0.0
+    assert runs["auto"][0]["kl"] == 0.0  # the step-0 policy is the reference, kernel for kernel

@@ -101,12 +101,15 @@ def sample(
     kind: str = "sde",
     noise_level: float = 0.7,
     step_noise: Callable[[int], torch.Tensor] | None = None,
+    log_prob_fn: Callable[..., torch.Tensor] | None = None,
 ) -> Trajectory:
     """Run the sampler from `noise` (B, ...) over `sigmas` (S + 1,); velocity_fn(x, sigma_B) -> v.
 
     kind "sde" records the transition means and behaviour log-probs (rollouts); step_noise(i)
     gives the standard normal (B, ...) of step i (default: torch's global RNG). "ode" is the
-    deterministic Euler sampler (evaluation).
+    deterministic Euler sampler (evaluation). log_prob_fn(v, x, prev_sample, sigma, sigma_next,
+    noise_level) -> (B,) computes the behaviour log-probs instead of sde_step (the fused kernel the
+    training step uses: the same function on the same inputs keeps the on-policy ratio exactly 1).
     """
     if kind not in ("sde", "ode"):
         raise ValueError(f"sampler kind must be 'sde' or 'ode', got {kind!r}")
@@ -120,7 +123,10 @@ def sample(
             x = ode_step(v, x, sigma, sigma_next)
         else:
             noise_i = step_noise(index) if step_noise is not None else torch.randn_like(x)
+            previous = x
             x, log_prob, mean, _ = sde_step(v, x, sigma, sigma_next, noise_level, noise=noise_i)
+            if log_prob_fn is not None:
+                log_prob = log_prob_fn(v, previous, x, sigma, sigma_next, noise_level)
             means.append(mean)
             log_probs.append(log_prob)
         states.append(x)

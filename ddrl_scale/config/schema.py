@@ -278,6 +278,18 @@ class ParallelSection:
 
 
 @dataclass
+class KernelsSection:
+    """Fused per-element kernels of the losses (kernels/, `ddrl_scale.kernels`)."""
+
+    # auto: Triton on CUDA, the torch.compile'd fused path on CPU; torch: the eager references
+    backend: str = "auto"  # auto | torch | compile | triton | cuda
+
+    def __post_init__(self) -> None:
+        _check(self.backend in ("auto", "torch", "compile", "triton", "cuda"), "kernels.backend",
+               "auto|torch|compile|triton|cuda", self.backend)
+
+
+@dataclass
 class RolloutSection:
     """Where rollouts run: in the trainer's processes, or on rollout ranks of their own."""
 
@@ -362,6 +374,7 @@ class RunConfig:
     pretrain: PretrainSection = field(default_factory=PretrainSection)
     parallel: ParallelSection = field(default_factory=ParallelSection)
     rollout: RolloutSection = field(default_factory=RolloutSection)
+    kernels: KernelsSection = field(default_factory=KernelsSection)
     launch: LaunchSection = field(default_factory=LaunchSection)
 
     def __post_init__(self) -> None:

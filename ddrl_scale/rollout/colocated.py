@@ -52,9 +52,11 @@ def sample_rollouts(
     step: int,
     first_prompt_index: int,
     device: torch.device,
+    log_prob_fn: Callable[..., torch.Tensor] | None = None,
 ) -> tuple[list[str], torch.Tensor, Trajectory]:
     """Sample G = algo.group_size videos for each prompt with the SDE sampler: (expanded prompts,
-    text embeddings, trajectory). The part that needs the policy's weights.
+    text embeddings, trajectory). The part that needs the policy's weights. log_prob_fn: the
+    behaviour log-prob (the training step's kernel; default sde_step's).
 
     Prompt p of this batch is prompt first_prompt_index + p of the step's global batch: all noise
     is keyed by (seed, step, global sample index), so the split over ranks changes nothing.
@@ -69,7 +71,7 @@ def sample_rollouts(
         lambda x, sigma: velocity(x, sigma, text), noise, sigmas, kind="sde",
         noise_level=sampler.noise_level,
         step_noise=lambda i: keyed_normal(latent_shape, indices, seed, ROLLOUT_STEP, step, i,
-                                          device=device))
+                                          device=device), log_prob_fn=log_prob_fn)
     return expanded, text, trajectory
 
 
@@ -100,11 +102,13 @@ def generate_rollouts(
     step: int,
     first_prompt_index: int,
     device: torch.device,
+    log_prob_fn: Callable[..., torch.Tensor] | None = None,
 ) -> RolloutBatch:
     """Sample, decode, score and normalise: the whole rollout stage in one call (colocated).
 
     velocity(latents, sigma, text) is the policy; encode_text / decode are the text encoder and VAE.
     """
     expanded, text, trajectory = sample_rollouts(velocity, encode_text, prompts, latent_shape, sigmas,
-                                                 sampler, algo, seed, step, first_prompt_index, device)
+                                                 sampler, algo, seed, step, first_prompt_index, device,
+                                                 log_prob_fn)
     return score_rollouts(decode, rewards, expanded, text, trajectory, algo, step)

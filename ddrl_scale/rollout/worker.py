@@ -11,6 +11,7 @@ rollouts, so where the samples are drawn changes nothing but the floating-point 
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -22,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from ddrl_scale import kernels
 from ddrl_scale.algo.schedules import sigma_schedule
 from ddrl_scale.config import RunConfig
 from ddrl_scale.models import build_model, build_text_encoder, build_vae
@@ -46,6 +48,9 @@ class RolloutWorker:
         self.text_encoder, self.vae = build_text_encoder(config, self.device), build_vae(config, self.device)
         self.rewards = WeightedRewards([(r.name, r.weight, dict(r.args)) for r in config.rewards])
         self.sigmas = sigma_schedule(config.sampler.num_steps, config.sampler.shift)
+        # the trainers' log-prob kernel: the behaviour log-probs must be computed as training does
+        self.log_prob_fn = functools.partial(
+            kernels.sde_log_prob, backend=kernels.resolve_backend(config.kernels.backend, self.device))
         video = config.video
         self.latent_shape = (video.channels, video.num_frames, video.height, video.width)
         self.channel = Channel(roles.job, roles.job_rank, config.rollout.timeout_s)
@@ -78,7 +83,8 @@ class RolloutWorker:
         config, step, start = self.config, order["step"], time.perf_counter()
         expanded, text, trajectory = sample_rollouts(
             self.velocity, self.encode_text, order["prompts"], self.latent_shape, self.sigmas,
-            config.sampler, config.algo, config.run.seed, step, order["first_prompt_index"], self.device)
+            config.sampler, config.algo, config.run.seed, step, order["first_prompt_index"], self.device,
+            self.log_prob_fn)
         self.times["generate"] += time.perf_counter() - start
         # the version and checksum of the weights that sampled this batch, before a publish moves on
         stamp = {"version": self.version, "checksum": self.checksum}

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import json
 import logging
 from collections import deque
@@ -18,10 +19,9 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from ddrl_scale import algo
-from ddrl_scale.algo.losses import flow_matching_loss, reverse_kl
+from ddrl_scale import algo, kernels
+from ddrl_scale.algo.losses import reverse_kl
 from ddrl_scale.algo.noise import data_term_draws
-from ddrl_scale.algo.samplers import sde_step
 from ddrl_scale.algo.schedules import add_noise, sigma_schedule
 from ddrl_scale.config import ConfigError, RunConfig, save_config
 from ddrl_scale.data.anchor import AnchorBatch
@@ -114,6 +114,9 @@ class Trainer:
         # phases of each step; on a GPU every boundary synchronises so kernels land where launched
         self.timer = PhaseTimer(synchronize=self.device.type == "cuda", device=self.device)
         self.peak_flops = device_peak_flops(self.device, RUN_DTYPES[config.run.dtype])
+        # the fused loss kernels, chosen (and logged) once; the rollouts score with the same kernel
+        self.kernel_backend = kernels.resolve_backend(config.kernels.backend, self.device)
+        self.log_prob_fn = functools.partial(kernels.sde_log_prob, backend=self.kernel_backend)
         self.loggers = build_loggers(self.run_dir, config.train.tensorboard, config.train.wandb_project,
                                      config.run.name, dataclasses.asdict(config), self.world.is_main)
         # read-ahead anchor batches (step, batch, loader state before it) whose rollouts are ordered
@@ -163,7 +166,7 @@ class Trainer:
                                  TimedRewards(self.rewards, self.timer),
                                  batch.captions, self.latent_shape, self.sigmas, self.config.sampler,
                                  self.config.algo, self.config.run.seed, self.step,
-                                 self.prompt_slice.start, self.device)
+                                 self.prompt_slice.start, self.device, self.log_prob_fn)
 
     def trained_steps(self) -> list[int]:
         settings = self.config.algo
@@ -185,7 +188,7 @@ class Trainer:
                                            index, device=self.device)
         with self.timer.phase("forward"):
             v_pred = self.engine.forward(add_noise(x0, noise, sigma), sigma, self.batch_text(batch))
-        return flow_matching_loss(v_pred, x0, noise)
+        return kernels.flow_matching_loss(v_pred, x0, noise, backend=self.kernel_backend)
 
     def optimize(self, batch: AnchorBatch, rollouts: RolloutBatch) -> dict[str, float]:
         """Accumulate the DDRL loss over the trained denoising steps, then one optimizer step."""
@@ -197,16 +200,20 @@ class Trainer:
             with self.timer.phase("forward"):
                 v = self.engine.forward(x, torch.full((x.shape[0],), sigma, device=self.device),
                                         rollouts.text)
-            _, log_prob, mean, std = sde_step(v, x, sigma, sigma_next, self.config.sampler.noise_level,
-                                              prev_sample=trajectory.states[index + 1])
-            kl = None
-            if self.reference is not None:
-                # same precision as the policy, so the KL is exactly 0 while the weights agree
+            kl, noise_level = None, self.config.sampler.noise_level
+            if self.reference is None:  # the fused log-prob; the same kernel scored the rollout
+                log_prob = kernels.sde_log_prob(v, x, trajectory.states[index + 1], sigma, sigma_next,
+                                                noise_level, backend=self.kernel_backend)
+            else:
+                log_prob, mean, std = kernels.sde_log_prob(
+                    v, x, trajectory.states[index + 1], sigma, sigma_next, noise_level,
+                    backend=self.kernel_backend, return_mean=True, return_std=True)
+                # same precision and kernel as the policy, so the KL is exactly 0 while the weights agree
                 with torch.no_grad(), autocast(self.device, self.config.run.dtype):
                     ref_v = self.reference(x, torch.full_like(log_prob, sigma), rollouts.text)
-                # only the reference's transition mean is needed; prev_sample just skips the draw
-                _, _, ref_mean, _ = sde_step(ref_v, x, sigma, sigma_next,
-                                             self.config.sampler.noise_level, prev_sample=x)
+                    # only the reference's transition mean is needed; prev_sample = x is a placeholder
+                    _, ref_mean = kernels.sde_log_prob(ref_v, x, x, sigma, sigma_next, noise_level,
+                                                       backend=self.kernel_backend, return_mean=True)
                 kl = reverse_kl(mean, ref_mean, std)
             wants_data = settings.data_beta > 0 and not (settings.data_on_first_only and position)
             loss, stats = self.loss_fn(
