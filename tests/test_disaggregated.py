@@ -129,6 +129,8 @@ def test_policy_lag_1_overlaps_and_never_exceeds_1(base: list[str], runs: Path):
     # the first step's rollouts come from the starting weights; from then on sampling runs one
     # version behind, which is what lets it overlap the trainers' step
     assert lags == [0, 1, 1, 1], lags
+    summary = json.loads((remote / "summary.json").read_text())
+    assert summary["policy_lag_histogram"] == {"0": 1, "1": 3}
     records = _metrics(remote)
     assert all(records[step]["ratio_max_dev"] > 0 for step in (2, 3, 4))  # off-policy ratios
     for step, record in records.items():

@@ -299,7 +299,7 @@ class RolloutSection:
     sync_every: int = 1  # publish the weights every k optimizer steps (<= max_policy_lag + 1)
     publish_bucket_mb: float = 256.0  # weights stream to rollout ranks in buckets of this size
     verify_publish: bool = False  # checksum the rollout ranks' weights against the trainers' each step
-    timeout_s: float = 1800.0  # a trainer waits this long for a rollout rank (and it for orders)
+    timeout_s: float = 1800.0  # a trainer waits this long for a rollout rank (it for orders: + parallel's)
 
     def __post_init__(self) -> None:
         _check(self.mode in ("colocated", "disaggregated"), "rollout.mode", "colocated|disaggregated",

@@ -130,7 +130,10 @@ class RolloutWorker:
         self.write_status("waiting")
         mark = time.perf_counter()
         while True:
-            order, _ = self.channel.recv(self.roles.controller, "order")
+            # the trainers may spend a while between orders (evaluation, checkpoints, a compile, a
+            # slow collective); a dead trainer breaks the connection at once anyway
+            order, _ = self.channel.recv(self.roles.controller, "order",
+                                         self.config.rollout.timeout_s + self.config.parallel.timeout_s)
             start = time.perf_counter()
             self.times["idle"] += start - mark
             self.finish_scoring(all_of_them=False)

@@ -21,6 +21,7 @@ from ddrl_scale.models import flops_per_sample
 from ddrl_scale.parallel.distributed import barrier
 from ddrl_scale.parallel.roles import init_roles
 from ddrl_scale.rollout.worker import RolloutWorker
+from ddrl_scale.train.metrics import read_metrics
 from ddrl_scale.train.report import before_after_gif, plot_curves, write_json
 from ddrl_scale.train.trainer import Trainer
 
@@ -88,6 +89,10 @@ def run_training(config: RunConfig) -> dict:
                                                       run_dir / "samples_before_after.gif", columns))
     if (run_dir / "metrics.jsonl").stat().st_size:
         summary["curves_png"] = str(plot_curves(run_dir / "metrics.jsonl", run_dir / "curves.png"))
+        lags = [record["policy_lag"] for record in read_metrics(run_dir / "metrics.jsonl")
+                if "policy_lag" in record]
+        if lags:  # disaggregated rollouts: how stale the trained-on rollouts were, step by step
+            summary["policy_lag_histogram"] = {str(int(lag)): lags.count(lag) for lag in sorted(set(lags))}
     write_json(summary, run_dir / "summary.json")
     return summary
 
@@ -104,6 +109,9 @@ def describe(summary: dict, run_dir: str) -> str:
             f" before {before['reward_mean']:.4f}  after {after['reward_mean']:.4f}")
         for key in sorted(k for k in after if k.startswith("reward_") and k != "reward_mean"):
             lines.append(f"  {key[7:-5]:>20}: before {before[key]:.4f}  after {after[key]:.4f}")
+    if "policy_lag_histogram" in summary:
+        lags = ", ".join(f"lag {lag}: {count}" for lag, count in summary["policy_lag_histogram"].items())
+        lines.append(f"rollouts trained on, by policy lag (steps): {lags}")
     for key in ("curves_png", "samples_gif"):
         if key in summary:
             lines.append(f"{key.replace('_', ' ')}: {summary[key]}")
