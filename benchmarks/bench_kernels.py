@@ -27,14 +27,12 @@ import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
+from common import results_dir  # noqa: E402  (benchmarks/common.py, beside this file)
 
 from ddrl_scale import kernels
 
-ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "benchmarks" / "results"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 OPS = ("flow_matching", "sde_log_prob", "sde_log_prob_mean")
 MODES = ("forward", "backward", "both")
@@ -260,14 +258,15 @@ def main() -> None:
     print(text)
     if args.no_write:
         return
-    RESULTS.mkdir(parents=True, exist_ok=True)
+    folder = results_dir()  # $DDRL_BENCH_RESULTS under `ddrl bench`
+    folder.mkdir(parents=True, exist_ok=True)
     stem = f"{datetime.date.today().isoformat()}-bench_kernels-{label}"
     payload = {"machine": machine, "device": str(device), "shape": shape, "threads": torch.get_num_threads(),
                "load_average_1min": [args.load_start, args.load_end], "bandwidth_bytes_per_s": bandwidth,
                "rows": rows}
-    (RESULTS / f"{stem}.json").write_text(json.dumps(payload, indent=1) + "\n")
-    (RESULTS / f"{stem}.md").write_text(text)
-    print(f"written: {RESULTS / stem}.json / .md")
+    (folder / f"{stem}.json").write_text(json.dumps(payload, indent=1) + "\n")
+    (folder / f"{stem}.md").write_text(text)
+    print(f"written: {folder / stem}.json / .md")
 
 
 if __name__ == "__main__":

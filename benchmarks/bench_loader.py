@@ -2,6 +2,7 @@
 
     python benchmarks/bench_loader.py [--samples 384] [--per-shard 32] [--shape 16,8,64,64]
                                       [--batch 8] [--workers 0,1,2] [--repeats 3] [--step-ms 200]
+                                      [--quick]
 
 Writes latent shards (fp16 safetensors members, with sidecars and index.json, as `ddrl data prepare`
 does) into a temporary folder, reads them once to warm the page cache, then measures, best of
@@ -16,7 +17,9 @@ does) into a temporary folder, reads them once to warm the page cache, then meas
     `--step-ms` (a sleep: the accelerator computing while the CPU waits), the fraction of wall time
     spent in `next_batch`; and the real demo Trainer (default config, demo pixel shards) with the
     sharded loader swapped in, `time_data / time_step` over a few iterations.
-Results: benchmarks/results/<date>-bench_loader-<machine>-<cpus>cpu.json and .md.
+--quick: 32 small samples, workers 0,1, 1 repeat, 5 simulated steps of 20 ms, and the tiny DiT of
+benchmarks/common.py for 1 trainer iteration (seconds). Results:
+benchmarks/results/<date>-bench_loader-<machine>-<cpus>cpu.json and .md.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ import time
 from pathlib import Path
 
 import torch
-from common import write_results  # noqa: E402  (benchmarks/common.py, beside this file)
+from common import TINY_OVERRIDES, write_results  # noqa: E402  (benchmarks/common.py, beside this file)
 
 from ddrl_scale.data import latent_shards as fmt
 from ddrl_scale.data.sharded import ShardedAnchorLoader
@@ -118,15 +121,18 @@ def simulated_wait(shards: list[str], batch: int, workers: int, step_s: float, s
             "wait_fraction": waited / total}
 
 
-def demo_trainer_wait(workdir: Path, workers: int, iterations: int) -> dict:
-    """The default demo Trainer with the sharded loader: time_data / time_step per iteration."""
+def demo_trainer_wait(workdir: Path, workers: int, iterations: int,
+                      overrides: list[str] | None = None) -> dict:
+    """The default demo Trainer (then `overrides`) with the sharded loader: time_data / time_step per
+    iteration."""
     from ddrl_scale.config import load_config
     from ddrl_scale.train.anchor_data import demo_shards
     from ddrl_scale.train.trainer import Trainer
 
     config = load_config(None, ["model.init_checkpoint=none", "train.eval_prompts=0", "train.progress=false",
                                 f"run.output_dir={workdir / 'run'}",
-                                f"data.generated_dir={workdir / 'demo_shards'}", "data.num_generated=512"])
+                                f"data.generated_dir={workdir / 'demo_shards'}", "data.num_generated=512",
+                                *(overrides or [])])
     trainer = Trainer(config)
     trainer.loader = ShardedAnchorLoader(demo_shards(config), config.algo.prompts_per_step, config.run.seed,
                                          num_workers=workers, encode=trainer.vae.encode)
@@ -162,7 +168,8 @@ def report(result: dict) -> str:
               f"- simulated step of {simulated['step_s'] * 1000:.0f} ms (sleep), {simulated['workers']} "
               f"workers, {simulated['steps']} steps: {simulated['wait_fraction']:.2%} of wall time "
               f"({simulated['wait_s'] * 1000:.1f} ms waited in total)",
-              f"- demo Trainer (default config, demo pixel shards), {demo['workers']} worker, "
+              f"- demo Trainer ({'tiny DiT' if args.get('quick') else 'default config'}, demo pixel "
+              f"shards), {demo['workers']} worker, "
               f"{demo['iterations']} iterations: time_data {demo['time_data_s'] * 1000:.2f} ms of "
               f"time_step {demo['time_step_s'] * 1000:.0f} ms = {demo['wait_fraction']:.3%}",
               "", "MB/s counts shard bytes (tar members) for the raw reads and the loader alike. The "
@@ -183,7 +190,16 @@ def main() -> None:
     parser.add_argument("--step-ms", type=float, default=200.0)
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--demo-iterations", type=int, default=4)
+    parser.add_argument("--quick", action="store_true", help="small settings: seconds (tests, smoke runs)")
     args = parser.parse_args()
+    if args.quick:
+        args.samples, args.per_shard, args.shape, args.workers = 32, 8, "4,4,16,16", "0,1"
+        args.repeats, args.step_ms, args.steps, args.demo_iterations = 1, 20.0, 5, 1
+    if min(args.samples, args.per_shard, args.batch, args.repeats, args.steps, args.demo_iterations) < 1:
+        parser.error("--samples, --per-shard, --batch, --repeats, --steps and --demo-iterations must be >= 1")
+    if args.samples < 2 * args.batch:
+        parser.error(f"--samples ({args.samples}) must be at least 2 x --batch ({args.batch}): the "
+                     f"first batch is start-up, the rest are timed")
     shape = tuple(int(size) for size in args.shape.split(","))
     worker_counts = [int(count) for count in args.workers.split(",")]
     machine = (f"{platform.node()} {platform.machine()}, {os.cpu_count()} CPU cores, "
@@ -211,9 +227,10 @@ def main() -> None:
                       f"{rows[-1]['samples_per_s']:.0f} samples/s", flush=True)
         simulated = simulated_wait(shards, args.batch, max(worker_counts), args.step_ms / 1000, args.steps)
         print(f"simulated step: waiting {simulated['wait_fraction']:.2%}", flush=True)
-        demo = demo_trainer_wait(Path(tmp), 1, args.demo_iterations)
+        demo = demo_trainer_wait(Path(tmp), 1, args.demo_iterations, TINY_OVERRIDES if args.quick else None)
         print(f"demo trainer: waiting {demo['wait_fraction']:.3%}", flush=True)
-    command = " ".join(f"--{name.replace('_', '-')} {value}" for name, value in vars(args).items())
+    command = " ".join(f"--{name.replace('_', '-')}" + ("" if value is True else f" {value}")
+                       for name, value in vars(args).items() if value is not False)
     result = {"machine": machine, "load_average": load_average, "command": command,
               "args": {**vars(args), "shape": list(shape)}, "raw": raw, "loader": rows,
               "simulated_step": simulated, "demo_trainer": demo}

@@ -1,14 +1,18 @@
 """Rollout benchmark: sampler throughput, weight-publish time against model size, and the DDRL step
 time with colocated against disaggregated rollouts.
 
-    python benchmarks/bench_rollout.py [--parts sampler,publish,e2e] [--steps 6] [--warmup 2]
+    python benchmarks/bench_rollout.py [--parts sampler,publish,e2e] [--steps 6] [--warmup 2] [--quick]
 
 * sampler: videos/s and denoising steps/s of the SDE sampler on the demo DiT, and its overhead over
   the bare forward passes it needs (the same batch, the same number of calls);
 * publish: one trainer and one rollout rank (torchrun, gloo on CPU, NCCL on GPUs) publish the
   weights of DiTs of growing size; seconds, bytes and GB/s per publish;
 * e2e: the demo config trained for --steps steps (after --warmup) colocated in one process, and
-  disaggregated with one trainer and one rollout rank at max_policy_lag 0 and 1; mean step time.
+  disaggregated with one trainer and one rollout rank at max_policy_lag 0 and 1; mean step time,
+  its phases (`time_<phase>` of the metrics) and samples/s.
+
+--quick: the tiny DiT of benchmarks/common.py for the sampler and e2e, the two smallest publish sizes,
+1 warm-up and 2 timed steps, 1 repeat (seconds per part).
 
 Results: benchmarks/results/<date>-bench_rollout-<machine>.json and .md.
 """
@@ -29,7 +33,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from bench_step import free_port  # noqa: E402
-from common import machine, write_results  # noqa: E402
+from common import TINY_OVERRIDES, machine, write_results  # noqa: E402
 
 PUBLISH_SIZES = {  # name -> DiT overrides; parameters grow ~4x per row
     "demo": [],
@@ -55,13 +59,13 @@ def _best(function, repeats: int) -> float:
     return best
 
 
-def bench_sampler(repeats: int = 5) -> dict:
+def bench_sampler(repeats: int = 5, overrides: list[str] | None = None) -> dict:
     from ddrl_scale.algo.samplers import sample
     from ddrl_scale.algo.schedules import sigma_schedule
     from ddrl_scale.config import load_config
     from ddrl_scale.models import build_model, build_text_encoder
 
-    config = load_config(None, [])
+    config = load_config(None, overrides or [])
     model = build_model(config).eval()
     samples = config.algo.prompts_per_step * config.algo.group_size
     video = config.video
@@ -81,7 +85,7 @@ def bench_sampler(repeats: int = 5) -> dict:
             model(noise, torch.full((samples,), float(sigmas[index])), text)
 
     sampled, bare = _best(sampler, repeats), _best(forwards, repeats)
-    return {"samples": samples, "steps": steps, "sampler_s": sampled, "forwards_s": bare,
+    return {"samples": samples, "steps": steps, "repeats": repeats, "sampler_s": sampled, "forwards_s": bare,
             "overhead": sampled / bare - 1.0, "videos_per_s": samples / sampled,
             "denoise_steps_per_s": samples * steps / sampled}
 
@@ -98,7 +102,9 @@ def publish_worker(args: argparse.Namespace) -> None:
     base = ["rollout.mode=disaggregated", "model.init_checkpoint=none"]
     roles, world = init_roles(load_config(None, base))
     rows = []
-    for name, overrides in PUBLISH_SIZES.items():
+    sizes = list(PUBLISH_SIZES)[:2] if args.quick else list(PUBLISH_SIZES)
+    for name in sizes:
+        overrides = PUBLISH_SIZES[name]
         config = load_config(None, [*base, *overrides])
         if roles.role == "trainer":
             model = build_model(config)
@@ -136,8 +142,8 @@ def _torchrun(ranks: int, arguments: list[str], threads: int) -> None:
 
 def bench_publish(args: argparse.Namespace, workdir: Path) -> list[dict]:
     out = workdir / "publish.json"
-    _torchrun(2, [__file__, "--publish-worker", "--out", str(out), "--repeats", str(args.repeats)],
-              max(1, (os.cpu_count() or 2) // 2))
+    _torchrun(2, [__file__, "--publish-worker", "--out", str(out), "--repeats", str(args.repeats),
+                  *(["--quick"] if args.quick else [])], max(1, (os.cpu_count() or 2) // 2))
     return json.loads(out.read_text())
 
 
@@ -148,13 +154,15 @@ def bench_e2e(args: argparse.Namespace, workdir: Path) -> list[dict]:
         command = ["-m", "ddrl_scale.cli", "train", "configs/demo_cpu.yaml", *overrides,
                    f"train.steps={args.warmup + args.steps}", "train.eval_prompts=0",
                    "train.save_every=0", "train.progress=false", f"run.output_dir={run_dir}",
-                   f"data.generated_dir={workdir / 'shards'}"]
+                   f"data.generated_dir={workdir / 'shards'}", *(TINY_OVERRIDES if args.quick else [])]
         _torchrun(ranks, command, max(1, cores // ranks))
         records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
         timed = [r for r in records if r["step"] > args.warmup]
-        mean = {key: sum(r.get(key, 0.0) for r in timed) / len(timed)
-                for key in ("time_step", "time_rollout", "time_train", "time_publish",
-                            "trainer_idle_fraction", "rollout_idle_fraction", "policy_lag")}
+        # every phase timer (exclusive: they add up to time_step) and the throughput figures
+        keys = {key for r in timed for key in r if key.startswith("time_")}
+        keys |= {"time_step", "time_rollout", "time_train", "time_publish", "trainer_idle_fraction",
+                 "rollout_idle_fraction", "policy_lag", "samples_per_s"}
+        mean = {key: sum(r.get(key, 0.0) for r in timed) / len(timed) for key in sorted(keys)}
         rows.append({"setup": name, "ranks": ranks, "threads_per_rank": max(1, cores // ranks),
                      **mean})
     return rows
@@ -169,7 +177,8 @@ def report(result: dict) -> str:
                   f"{s['samples']} videos x {s['steps']} SDE steps: {s['sampler_s'] * 1e3:.1f} ms, "
                   f"the same {s['steps']} bare forward passes {s['forwards_s'] * 1e3:.1f} ms: "
                   f"sampler overhead {s['overhead']:.1%} (target <= 5%); {s['videos_per_s']:.1f} "
-                  f"videos/s, {s['denoise_steps_per_s']:.0f} denoising steps/s (best of 5).", ""]
+                  f"videos/s, {s['denoise_steps_per_s']:.0f} denoising steps/s "
+                  f"(best of {s.get('repeats', 5)}).", ""]
     if "publish" in result:
         lines += ["## Weight publish, 1 trainer -> 1 rollout rank", "",
                   "| model | parameters | MB | buckets | publish (ms) | GB/s |", "|---|---|---|---|---|---|"]
@@ -180,12 +189,13 @@ def report(result: dict) -> str:
     if "e2e" in result:
         lines += ["## DDRL step, demo config", "",
                   "| setup | ranks | threads/rank | step (s) | waiting for rollouts (s) | train (s) | "
-                  "publish (s) | trainer idle | rollout idle | mean lag |",
-                  "|---|---|---|---|---|---|---|---|---|---|"]
+                  "publish (s) | samples/s | trainer idle | rollout idle | mean lag |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in result["e2e"]:
             lines.append(f"| {r['setup']} | {r['ranks']} | {r['threads_per_rank']} | "
                          f"{r['time_step']:.3f} | {r['time_rollout']:.3f} | {r['time_train']:.3f} | "
-                         f"{r['time_publish']:.3f} | {r['trainer_idle_fraction']:.1%} | "
+                         f"{r['time_publish']:.3f} | {r.get('samples_per_s', float('nan')):.2f} | "
+                         f"{r['trainer_idle_fraction']:.1%} | "
                          f"{r['rollout_idle_fraction']:.1%} | {r['policy_lag']:.2f} |")
         lines += ["", "Colocated: one process with all cores samples and trains in turn. "
                   "Disaggregated: the cores are split between a trainer and a rollout rank; at lag 0 "
@@ -201,11 +211,18 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--quick", action="store_true",
+                        help="tiny DiT, two publish sizes, 1 warm-up + 2 steps, 1 repeat")
     parser.add_argument("--publish-worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.publish_worker:
         return publish_worker(args)
+    if args.quick:
+        args.steps, args.warmup, args.repeats = 2, 1, 1
+    if args.steps < 1 or args.warmup < 0 or args.repeats < 1:
+        parser.error(f"--steps and --repeats must be >= 1 and --warmup >= 0, got {args.steps}, "
+                     f"{args.repeats} and {args.warmup}")
     parts = args.parts.split(",")
     unknown = sorted(set(parts) - {"sampler", "publish", "e2e"})
     if unknown:
@@ -213,7 +230,8 @@ def main() -> None:
     result = {"machine": machine(), "command": "python benchmarks/bench_rollout.py " + " ".join(sys.argv[1:])}
     with tempfile.TemporaryDirectory() as tmp:
         if "sampler" in parts:
-            result["sampler"] = bench_sampler()
+            result["sampler"] = bench_sampler(args.repeats if args.quick else 5,
+                                              TINY_OVERRIDES if args.quick else None)
             print(f"sampler: overhead {result['sampler']['overhead']:.1%}", flush=True)
         if "publish" in parts:
             result["publish"] = bench_publish(args, Path(tmp))

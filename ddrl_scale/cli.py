@@ -186,6 +186,9 @@ def build_parser() -> argparse.ArgumentParser:
     from ddrl_scale.telemetry.plan import add_parser as add_plan_parser
 
     add_plan_parser(commands)
+    from ddrl_scale.bench import add_parser as add_bench_parser
+
+    add_bench_parser(commands)
     return parser
 
 
