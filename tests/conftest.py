@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
+import torch
+
+# Triton kernels run on CPU only through its interpreter, and triton reads TRITON_INTERPRET when it
+# is first imported (torch.compile imports it): set it here, before any test module runs
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 # Everything a run needs, shrunk so that a few optimizer steps take well under a second on one CPU core.
 _TINY = [
