@@ -183,7 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
     from ddrl_scale.rewards.service import add_parser as add_reward_serve_parser
 
     add_reward_serve_parser(commands)
-    from ddrl_scale.telemetry.plan import add_parser as add_plan_parser
+    from ddrl_scale.telemetry.plan_cli import add_parser as add_plan_parser
 
     add_plan_parser(commands)
     from ddrl_scale.bench import add_parser as add_bench_parser

@@ -24,11 +24,10 @@ from ddrl_scale.telemetry.plan import (
     communication,
     estimate_memory,
     evaluate_plan,
-    latent_size,
-    main,
     parameter_counts,
     rank_plans,
 )
+from ddrl_scale.telemetry.plan_cli import latent_size, main
 
 ROOT = Path(__file__).resolve().parents[1]
 H100 = DEVICES["h100-sxm"]

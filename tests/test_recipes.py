@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from ddrl_scale.config import load_config
-from ddrl_scale.telemetry.plan import main as plan_main
+from ddrl_scale.telemetry.plan_cli import main as plan_main
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 # recipe -> the GPU its comment's plan was computed for
