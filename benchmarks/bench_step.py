@@ -94,8 +94,8 @@ def run_engine(name: str, args: argparse.Namespace, workdir: Path) -> dict:
     samples = config.algo.prompts_per_step * config.algo.group_size
     from ddrl_scale.telemetry.timers import PHASES
 
-    # the exclusive phase timers (they add up to time_step; other time_* metrics are sub-measures
-    # such as time_rollout_wait); a phase absent from a step counts 0 there
+    # the exclusive phase timers (they add up to time_step; other time_* metrics are
+    # sub-measures); a phase absent from a step counts 0 there
     names = [f"time_{name}" for name in (*PHASES, "other") if any(f"time_{name}" in t for t in times)]
     phases = {key[len("time_"):]: sum(t.get(key, 0.0) for t in times) / len(times) for key in names}
     return {"engine": name, "ranks": ranks, "threads_per_rank": threads, "step_s": step,

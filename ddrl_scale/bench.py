@@ -348,7 +348,7 @@ def markdown_report(result: dict, parts_folder: str) -> str:
 
 def exclusive_phases() -> list[str]:
     """The trainer's phase timers, in order; they and `other` add up to the step (other time_*
-    metrics, such as time_rollout_wait, are parts of one of them)."""
+    metrics are parts of one of them)."""
     from ddrl_scale.telemetry.timers import PHASES
 
     return [*PHASES, "other"]

@@ -63,19 +63,23 @@ def _remote(url: str, **extra: str) -> list[str]:
     return ["rewards.0.name=remote", *[f"rewards.0.args.{k}={v}" for k, v in args.items()]]
 
 
+def _assert_same_run(remote_dir: Path, local_dir: Path, rel: float, abs: float) -> None:
+    """KEYS of every step equal; the remote entry is named "remote": its mean is the
+    caption_alignment mean of the local run."""
+    local, remote = (read_metrics(d / "metrics.jsonl") for d in (local_dir, remote_dir))
+    assert [r["step"] for r in remote] == [1, 2, 3]
+    for mine, theirs in zip(remote, local):
+        mine = {**mine, "reward_caption_alignment_mean": mine["reward_remote_mean"]}
+        assert {k: mine[k] for k in KEYS} == pytest.approx({k: theirs[k] for k in KEYS},
+                                                           rel=rel, abs=abs)
+
+
 def test_remote_reward_trains_like_the_in_process_reward(server, tmp_path: Path,
                                                           shared_shards_dir: Path):
     _, url = server
     _train([], tmp_path, "local", shared_shards_dir)
     _train(_remote(url), tmp_path, "remote", shared_shards_dir)
-    local = read_metrics(tmp_path / "local" / "metrics.jsonl")
-    remote = read_metrics(tmp_path / "remote" / "metrics.jsonl")
-    assert [r["step"] for r in remote] == [1, 2, 3]
-    for mine, theirs in zip(remote, local):
-        # the remote entry is named "remote": its mean is the caption_alignment mean of the local run
-        mine = {**mine, "reward_caption_alignment_mean": mine["reward_remote_mean"]}
-        assert {k: mine[k] for k in KEYS} == pytest.approx({k: theirs[k] for k in KEYS},
-                                                           rel=1e-6, abs=1e-7)
+    _assert_same_run(tmp_path / "remote", tmp_path / "local", rel=1e-6, abs=1e-7)
 
 
 def test_a_dead_reward_service_stops_the_run_naming_it(server, tmp_path: Path, shared_shards_dir: Path):
@@ -102,10 +106,4 @@ def test_rollout_rank_scores_through_the_service_like_the_local_reward(
     _train([], tmp_path, "local", shared_shards_dir)
     _run([*base, *_remote(url), "rollout.mode=disaggregated", f"run.output_dir={tmp_path / 'split'}"],
          2, tmp_path / "split.log")
-    local = read_metrics(tmp_path / "local" / "metrics.jsonl")
-    split = read_metrics(tmp_path / "split" / "metrics.jsonl")
-    assert [r["step"] for r in split] == [1, 2, 3]
-    for mine, theirs in zip(split, local):
-        mine = {**mine, "reward_caption_alignment_mean": mine["reward_remote_mean"]}
-        assert {k: mine[k] for k in KEYS} == pytest.approx({k: theirs[k] for k in KEYS},
-                                                           rel=1e-5, abs=1e-6)
+    _assert_same_run(tmp_path / "split", tmp_path / "local", rel=1e-5, abs=1e-6)

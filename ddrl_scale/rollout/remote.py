@@ -11,7 +11,6 @@ k - m + 1 steps ahead of training, so a rollout for step s is always sampled by 
 from __future__ import annotations
 
 import logging
-import time
 from collections import deque
 from collections.abc import Callable
 
@@ -125,10 +124,8 @@ class RemoteRollouts:
 
     def receive(self, step: int, batch: AnchorBatch) -> tuple[RolloutBatch, dict[str, float]]:
         """This trainer's samples of step `step` (requested before), and the rollout metrics."""
-        start = time.perf_counter()
-        pieces = self._collect(step)
-        waited = time.perf_counter() - start
-        return self._assemble(batch, pieces), self._metrics(step, pieces, waited)
+        pieces = self._collect(step)  # the trainer's wait is its "rollout" phase (train/trainer.py)
+        return self._assemble(batch, pieces), self._metrics(step, pieces)
 
     def _assemble(self, batch: AnchorBatch, pieces: list) -> RolloutBatch:
         device, group = self.world.device, self.config.algo.group_size
@@ -143,14 +140,14 @@ class RemoteRollouts:
                             {name: joined(f"reward/{name}") for name in names}, joined("total_reward"),
                             joined("advantages"), min(header["version"] for header, _ in pieces))
 
-    def _metrics(self, step: int, pieces: list, waited: float) -> dict[str, float]:
+    def _metrics(self, step: int, pieces: list) -> dict[str, float]:
         versions = [header["version"] for header, _ in pieces]
         lag = step - min(versions)
         if lag > self.config.rollout.max_policy_lag or min(versions) < 0:
             raise RuntimeError(f"rollouts of step {step} were sampled by weights version "
                                f"{min(versions)}: beyond rollout.max_policy_lag="
                                f"{self.config.rollout.max_policy_lag}")
-        metrics = {"policy_lag": float(lag), "policy_lag_max": float(lag), "time_rollout_wait": waited}
+        metrics = {"policy_lag": float(lag), "policy_lag_max": float(lag)}
         if self.config.rollout.verify_publish:
             matches = [header["checksum"] == self.checksums.get(header["version"]) for header, _ in pieces]
             if not all(matches):
