@@ -103,6 +103,60 @@ def test_one_trainer_two_rollout_ranks_match_single_process(base: list[str], run
         assert json.loads((remote / "rollout" / f"worker{worker}.json").read_text())["state"] == "stopped"
 
 
+def test_tensor_parallel_rollout_copy_matches_single_process(base: list[str], runs: Path, single: Path):
+    """Two rollout ranks holding one tensor-parallel copy (rollout.tp_size=2) sample what one process
+    samples: the row-parallel sums change only the order of float additions (REL / ABS), the
+    checksum of the gathered shards equals the trainers' full weights after every publish, and only
+    the copy's first rank sends trajectories."""
+    remote = _train(base, runs, "1t2r-tp2", 3, *DISAGGREGATED, "rollout.num_ranks=2", "rollout.tp_size=2")
+    _assert_metrics_close(_metrics(remote), _metrics(single), (1, 2, 3, 4),
+                          "1 trainer + a 2-rank tensor-parallel rollout copy vs one process")
+    assert _check_publishes(remote, 0) == [0, 0, 0, 0]
+    whole = sum(tensor.numel() for tensor in read_weights(remote / "checkpoints" / "step_000004").values())
+    for worker in (0, 1):
+        status = json.loads((remote / "rollout" / f"worker{worker}.json").read_text())
+        assert status["state"] == "stopped" and status["version"] == 4, status
+        assert status["tp_size"] == 2 and status["local_parameters"] < whole, status  # really split
+
+
+def test_rollout_ranks_use_the_shards_caption_embeddings(base: list[str], runs: Path,
+                                                        monkeypatch: pytest.MonkeyPatch):
+    """Prepared shards whose caption embeddings differ from what the run's text encoder gives (twice
+    the hash encoder's): a 1 trainer + 1 rollout rank run equals one process, which conditions its
+    rollouts on the shards' embeddings, only if the rollout rank gets them with its orders too. The
+    policy starts from random weights with no zero-initialised layer, so the text matters at once."""
+    from safetensors.torch import save_file
+    from test_data_prepare import make_videos
+
+    from ddrl_scale.data import prepare as prepare_module
+    from ddrl_scale.models import dit_config_from
+    from ddrl_scale.models.dit import VideoDiT
+    from ddrl_scale.models.text import HashTextEncoder
+
+    dit = dit_config_from(load_config(None, base))
+    torch.manual_seed(0)
+    policy = VideoDiT(dit)
+    state = {name: torch.randn_like(param) * 0.3 for name, param in policy.state_dict().items()}
+    save_file(state, runs / "random.safetensors", metadata={"dit_config": json.dumps(dit.to_dict())})
+
+    class Doubled(HashTextEncoder):
+        def encode(self, prompts, device="cpu"):
+            return 2 * super().encode(prompts, device)
+
+    monkeypatch.setattr(prepare_module, "_ENCODERS", {})
+    monkeypatch.setattr(prepare_module, "build_text_encoder", lambda spec: Doubled(8, 12))
+    make_videos(runs / "videos", 4)
+    prepare_module.prepare(str(runs / "videos"), runs / "anchor", prepare_module.PrepareSettings(
+        num_frames=4, height=8, width=8, samples_per_shard=2, text_encoder="hash:8:12"))
+    data = [f"data.shards={runs / 'anchor'}", "data.buckets=[[3,4,8,8]]", "train.steps=2",
+            f"model.init_checkpoint={runs / 'random.safetensors'}"]
+    single = _train(base, runs, "prepared-single", 1, *data)
+    remote = _train(base, runs, "prepared-1t1r", 2, *data, *DISAGGREGATED)
+    _assert_metrics_close(_metrics(remote), _metrics(single), (1, 2),
+                          "1 trainer + 1 rollout rank vs one process, prepared caption embeddings")
+    assert all(record["rollout_precomputed_text"] == 1.0 for record in _metrics(remote).values())
+
+
 @pytest.mark.parametrize("engine", [
     pytest.param(["parallel.engine=deepspeed", "parallel.zero_stage=3"], id="deepspeed-zero3",
                  marks=pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None,
@@ -203,6 +257,11 @@ def test_hung_rollout_rank_stops_the_run_with_an_error_naming_it(base: list[str]
      "rollout.sync_every"),
     (["rollout.mode=sideways"], "rollout.mode"),
     (["rollout.num_ranks=0"], "rollout.num_ranks"),
+    (["rollout.mode=disaggregated", "rollout.num_ranks=3", "rollout.tp_size=2"], "rollout.tp_size"),
+    (["rollout.mode=disaggregated", "rollout.num_ranks=4", "rollout.tp_size=2",
+      "algo.prompts_per_step=3"], "algo.prompts_per_step"),
+    (["rollout.mode=disaggregated", "rollout.num_ranks=2", "rollout.tp_size=2", "model.kind=diffusers_wan",
+      "model.pretrained=/nowhere"], "rollout.tp_size"),
 ])
 def test_bad_rollout_settings_name_the_key(overrides: list[str], key: str):
     with pytest.raises(ConfigError, match=re.escape(key)):

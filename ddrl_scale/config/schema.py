@@ -295,6 +295,7 @@ class RolloutSection:
 
     mode: str = "colocated"  # colocated | disaggregated (the last num_ranks ranks sample)
     num_ranks: int = 1  # disaggregated: rollout ranks (the others train)
+    tp_size: int = 1  # disaggregated: rollout ranks per tensor-parallel inference copy (model.kind=dit)
     max_policy_lag: int = 0  # 0 = on-policy and synchronous; k = rollouts of up to k versions back
     sync_every: int = 1  # publish the weights every k optimizer steps (<= max_policy_lag + 1)
     publish_bucket_mb: float = 256.0  # weights stream to rollout ranks in buckets of this size
@@ -305,6 +306,8 @@ class RolloutSection:
         _check(self.mode in ("colocated", "disaggregated"), "rollout.mode", "colocated|disaggregated",
                self.mode)
         _check(self.num_ranks >= 1, "rollout.num_ranks", ">= 1", self.num_ranks)
+        _check(self.tp_size >= 1 and self.num_ranks % self.tp_size == 0, "rollout.tp_size",
+               f">= 1 and a divisor of rollout.num_ranks={self.num_ranks}", self.tp_size)
         _check(self.max_policy_lag >= 0, "rollout.max_policy_lag", ">= 0", self.max_policy_lag)
         _check(self.mode == "disaggregated" or self.max_policy_lag == 0, "rollout.max_policy_lag",
                "0 when rollout.mode=colocated (colocated rollouts are always on-policy)",
@@ -386,6 +389,10 @@ class RunConfig:
             _check(dim % patch == 0, f"video.{key}",
                    f"a multiple of the model patch size {patch}", dim)
         if self.rollout.mode == "disaggregated":
-            _check(self.algo.prompts_per_step % self.rollout.num_ranks == 0, "algo.prompts_per_step",
-                   f"a multiple of rollout.num_ranks={self.rollout.num_ranks} (each rollout rank "
+            copies = self.rollout.num_ranks // self.rollout.tp_size
+            _check(self.algo.prompts_per_step % copies == 0, "algo.prompts_per_step",
+                   f"a multiple of rollout.num_ranks / rollout.tp_size = {copies} (each rollout copy "
                    f"samples whole prompt groups)", self.algo.prompts_per_step)
+        _check(self.rollout.tp_size == 1 or self.model.kind == "dit", "rollout.tp_size",
+               "1 unless model.kind=dit (tensor-parallel rollout copies are built for the VideoDiT)",
+               self.rollout.tp_size)

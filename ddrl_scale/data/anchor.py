@@ -36,6 +36,10 @@ def pixels_to_video(array: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(array).permute(3, 0, 1, 2).float() / 255.0
 
 
+# (key, video or latents, caption, is_pixels, caption embeddings or None)
+_Item = tuple[str, torch.Tensor, str, bool, torch.Tensor | None]
+
+
 class AnchorLoader:
     def __init__(self, shards: list[str], batch_size: int, seed: int = 0, shuffle_buffer: int = 256,
                  encode: Callable[[torch.Tensor], torch.Tensor] | None = None):
@@ -48,7 +52,7 @@ class AnchorLoader:
         # bad samples met in earlier epochs, and in this epoch's pass so far: a restored loader
         # replays the epoch and meets the same bad samples again, so they are not counted twice
         self.skipped_before_epoch, self.skipped_this_epoch = 0, 0
-        self._stream: Iterator[tuple[str, torch.Tensor, str, bool]] | None = None
+        self._stream: Iterator[_Item] | None = None
 
     @property
     def skipped(self) -> int:
@@ -64,9 +68,10 @@ class AnchorLoader:
         self.skipped_before_epoch, self.skipped_this_epoch = int(state["skipped_before_epoch"]), 0
         self._stream = None
 
-    def _decode(self, sample: dict) -> tuple[str, torch.Tensor, str, bool] | None:
-        """(key, video float (C, T, H, W), caption, is_pixels): demo pixels (uint8 -> [0, 1]) or
-        latents that `ddrl data prepare` wrote (safetensors or npy), read without pickle."""
+    def _decode(self, sample: dict) -> _Item | None:
+        """(key, video float (C, T, H, W), caption, is_pixels, caption embeddings or None): demo
+        pixels (uint8 -> [0, 1]) or latents (and embeddings) that `ddrl data prepare` wrote
+        (safetensors or npy), read without pickle."""
         key, url = sample.get("__key__", "?"), sample.get("__url__", "?")
         try:
             decoded = decode_sample(key, {k: v for k, v in sample.items() if not k.startswith("__")})
@@ -76,9 +81,10 @@ class AnchorLoader:
             self.skipped_this_epoch += 1
             logger.warning("skipping sample '%s' of shard '%s': %s", key, url, error)
             return None
-        return key, video, decoded.caption, decoded.is_pixels
+        text = None if decoded.text is None else decoded.text.float()
+        return key, video, decoded.caption, decoded.is_pixels, text
 
-    def _epoch_samples(self, epoch: int) -> Iterator[tuple[str, torch.Tensor, str, bool]]:
+    def _epoch_samples(self, epoch: int) -> Iterator[_Item]:
         rng = random.Random(self.seed * 1_000_003 + epoch)
         order = self.shards[:]
         rng.shuffle(order)
@@ -95,7 +101,7 @@ class AnchorLoader:
         while buffer:
             yield buffer.pop(rng.randrange(len(buffer)))
 
-    def _samples(self) -> Iterator[tuple[str, torch.Tensor, str, bool]]:
+    def _samples(self) -> Iterator[_Item]:
         while True:
             given, self.skipped_this_epoch = 0, 0
             for item in self._epoch_samples(self.epoch):
@@ -114,11 +120,14 @@ class AnchorLoader:
         if self._stream is None:
             self._stream = self._samples()
         items = [next(self._stream) for _ in range(self.batch_size)]
-        pixels = [is_pixels for *_, is_pixels in items]
+        pixels = [item[3] for item in items]
         if all(pixels):  # pixel videos go through the VAE; prepared latents are used as stored
-            latents = self.encode(torch.stack([video for _, video, _, _ in items]))
+            latents = self.encode(torch.stack([video for _, video, *_ in items]))
         else:
             latents = torch.stack([self.encode(video[None])[0] if is_pixels else video
-                                   for _, video, _, is_pixels in items])
-        return AnchorBatch(latents=latents, captions=[caption for _, _, caption, _ in items],
-                           keys=[key for key, *_ in items])
+                                   for _, video, _, is_pixels, _ in items])
+        texts = [item[4] for item in items]
+        # the shards' caption embeddings, when every sample of the batch has them
+        text = torch.stack(texts) if all(t is not None for t in texts) else None
+        return AnchorBatch(latents=latents, captions=[caption for _, _, caption, *_ in items],
+                           keys=[key for key, *_ in items], text=text)

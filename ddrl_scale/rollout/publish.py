@@ -19,6 +19,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ddrl_scale.parallel.engine import Engine
+from ddrl_scale.parallel.inference_tp import load_full
 from ddrl_scale.parallel.roles import Roles
 from ddrl_scale.rollout.transport import PeerError
 
@@ -135,7 +136,7 @@ def receive_weights(model: nn.Module, group: dist.ProcessGroup, device: torch.de
             if tuple(target.shape) != tuple(shape):
                 raise ValueError(f"published weight '{name}' has shape {tuple(shape)}, the rollout "
                                  f"model's has {tuple(target.shape)}")
-            target.copy_(value)
+            load_full(target, value)  # a tensor-parallel copy keeps its shard
             received.add(name)
     missing = sorted(set(parameters) - received)
     if missing:

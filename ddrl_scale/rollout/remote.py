@@ -1,11 +1,13 @@
 """The trainers' side of disaggregated rollouts: orders out, trajectories in, weights published.
 
 Step s's prompts are the captions of step s's anchor batch (the paired data items stay with the
-trainers that read them). Trainer rank 0 orders each rollout rank to sample its contiguous share of
-the step's prompt groups and to send each trainer the samples of that trainer's prompts; every
-trainer receives its own. With rollout.max_policy_lag = k and sync_every = m, orders run
-k - m + 1 steps ahead of training, so a rollout for step s is always sampled by weights of version
->= s - k, and sampling overlaps training when k > 0.
+trainers that read them; their precomputed caption embeddings, when the shards hold them, travel
+with the order). Trainer rank 0 orders each rollout copy (one rank, or `rollout.tp_size` ranks
+holding a tensor-parallel copy) to sample its contiguous share of the step's prompt groups and to
+send each trainer the samples of that trainer's prompts; every trainer receives its own. With
+rollout.max_policy_lag = k and sync_every = m, orders run k - m + 1 steps ahead of training, so a
+rollout for step s is always sampled by weights of version >= s - k, and sampling overlaps training
+when k > 0.
 """
 
 from __future__ import annotations
@@ -44,13 +46,18 @@ class RemoteRollouts:
         self.config, self.roles, self.world, self.engine = config, roles, world, engine
         self.prompt_slices, self.batch_text, self.sigmas = prompt_slices, batch_text, sigmas
         self.channel = Channel(roles.job, roles.job_rank, config.rollout.timeout_s)
-        prompts, workers = config.algo.prompts_per_step, roles.num_rollout
-        self.worker_slices = [slice(j * prompts // workers, (j + 1) * prompts // workers)
-                              for j in range(workers)]
+        prompts, copies = config.algo.prompts_per_step, roles.num_rollout // config.rollout.tp_size
+        self.worker_slices = [slice(j * prompts // copies, (j + 1) * prompts // copies)
+                              for j in range(copies)]
         self.requested: deque[int] = deque()
         self.checksums: dict[int, str] = {}
         self.version = -1
         self.last_publish: dict = {}
+
+    def copy_ranks(self, copy: int) -> list[int]:
+        """Job ranks of rollout copy `copy`; the first one scores and sends its trajectories."""
+        tp = self.config.rollout.tp_size
+        return [self.roles.rollout_rank(j) for j in range(copy * tp, (copy + 1) * tp)]
 
     @property
     def ahead(self) -> int:
@@ -82,18 +89,22 @@ class RemoteRollouts:
     # -- rollouts --------------------------------------------------------------------------------
     def request(self, step: int, batch: AnchorBatch) -> None:
         """Every trainer calls with its share of step `step`'s anchor batch; trainer 0 orders."""
-        shares = [(self.prompt_slices[0].start, batch.captions)]
+        text = None if batch.text is None else batch.text.cpu()
+        shares = [(self.prompt_slices[0].start, batch.captions, text)]
         if self.world.distributed:
             shares = [None] * self.world.world_size
             collective("all_gather_object(prompts)",
                        lambda: dist.all_gather_object(shares, (self.prompt_slices[self.world.rank].start,
-                                                               batch.captions)))
+                                                               batch.captions, text)))
         self.requested.append(step)
         if not self.roles.is_controller:
             return
         prompts = [""] * self.config.algo.prompts_per_step
-        for start, captions in shares:
+        texts = [None] * self.config.algo.prompts_per_step
+        for start, captions, embeddings in shares:
             prompts[start: start + len(captions)] = captions
+            if embeddings is not None:
+                texts[start: start + len(captions)] = list(embeddings)
         for j, share in enumerate(self.worker_slices):
             targets = []  # [trainer job rank, first, end) of this worker's prompts, in its share
             for trainer, mine in enumerate(self.prompt_slices):
@@ -101,9 +112,12 @@ class RemoteRollouts:
                 if common is not None:
                     targets.append([self.roles.trainer_ranks[trainer], common[0] - share.start,
                                     common[1] - share.start])
-            self.channel.send(self.roles.rollout_rank(j), {
-                "op": "generate", "step": step, "first_prompt_index": share.start,
-                "prompts": prompts[share], "targets": targets})
+            order = {"op": "generate", "step": step, "first_prompt_index": share.start,
+                     "prompts": prompts[share], "targets": targets}
+            given = texts[share]
+            tensors = {"text": torch.stack(given)} if given and all(t is not None for t in given) else None
+            for rank in self.copy_ranks(j):
+                self.channel.send(rank, order, tensors)
 
     def _collect(self, step: int) -> list[tuple[dict, dict[str, torch.Tensor]]]:
         expected = self.requested.popleft()
@@ -113,7 +127,7 @@ class RemoteRollouts:
         for j, share in enumerate(self.worker_slices):
             if overlap(share, mine) is None:
                 continue
-            source = self.roles.rollout_rank(j)
+            source = self.copy_ranks(j)[0]
             header, tensors = self.channel.recv(
                 source, f"trajectories of step {step} (rollout worker {j})")
             if header["step"] != step:
@@ -147,7 +161,9 @@ class RemoteRollouts:
             raise RuntimeError(f"rollouts of step {step} were sampled by weights version "
                                f"{min(versions)}: beyond rollout.max_policy_lag="
                                f"{self.config.rollout.max_policy_lag}")
-        metrics = {"policy_lag": float(lag), "policy_lag_max": float(lag)}
+        metrics = {"policy_lag": float(lag), "policy_lag_max": float(lag),
+                   # 1: the rollouts were conditioned on the shards' caption embeddings
+                   "rollout_precomputed_text": float(all(h["precomputed_text"] for h, _ in pieces))}
         if self.config.rollout.verify_publish:
             matches = [header["checksum"] == self.checksums.get(header["version"]) for header, _ in pieces]
             if not all(matches):
@@ -156,12 +172,13 @@ class RemoteRollouts:
             metrics["publish_checksum_ok"] = 1.0
         idle = [h["idle"] / max(1e-9, h["idle"] + h["generate"] + h["publish"]) for h, _ in pieces]
         metrics["rollout_idle_fraction"] = sum(idle) / len(idle)
-        # a worker's own rate while it samples; with balanced shares the job's rate is
-        # num_ranks times it (denoising steps/s: times sampler.num_steps)
+        # a copy's own rate while it samples; with balanced shares the job's rate is the number of
+        # copies times it (denoising steps/s: times sampler.num_steps)
         rate = sum(h["samples"] / h["seconds"] for h, _ in pieces) / len(pieces)
+        copies = len(self.worker_slices)
         metrics["rollout_videos_per_s_worker"] = rate
-        metrics["rollout_videos_per_s"] = rate * self.roles.num_rollout
-        metrics["rollout_denoise_steps_per_s"] = rate * self.roles.num_rollout * self.config.sampler.num_steps
+        metrics["rollout_videos_per_s"] = rate * copies
+        metrics["rollout_denoise_steps_per_s"] = rate * copies * self.config.sampler.num_steps
         return metrics
 
     def close(self) -> None:
@@ -169,6 +186,6 @@ class RemoteRollouts:
         while self.requested:
             self._collect(self.requested[0])
         if self.roles.is_controller:
-            for j in range(self.roles.num_rollout):
-                self.channel.send(self.roles.rollout_rank(j), {"op": "stop"})
+            for rank in self.roles.rollout_ranks:
+                self.channel.send(rank, {"op": "stop"})
         self.channel.flush(timeout_s=60)

@@ -1,10 +1,13 @@
 """A rollout rank of a disaggregated job: orders in, trajectories out, weights by publish.
 
-It holds an inference copy of the policy (the run's precision; no optimizer, no gradients) and
-obeys trainer rank 0's orders in the order they come: `publish` (receive a new weights version),
-`generate` (sample its share of a step's prompt groups with the SDE sampler; then, on a scoring
-thread while the next order is served, decode, score, normalise advantages within each group and
-send each trainer the samples of its prompts), `stop`.
+It holds an inference copy of the policy (the run's precision; no optimizer, no gradients), whole
+or split over `rollout.tp_size` rollout ranks (parallel/inference_tp.py), and obeys trainer rank 0's
+orders in the order they come: `publish` (receive a new weights version), `generate` (sample its
+copy's share of a step's prompt groups with the SDE sampler, conditioned on the caption embeddings
+the order carries when the anchor shards hold them, else on its own text encoder's; then, on a
+scoring thread while the next order is served, decode, score, normalise advantages within each group
+and send each trainer the samples of its prompts: the first rank of a tensor-parallel copy does this
+part, the others only sample with it), `stop`.
 The noise of every sample is keyed by (seed, step, global sample index), exactly as in colocated
 rollouts, so where the samples are drawn changes nothing but the floating-point batch shapes.
 """
@@ -22,12 +25,14 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import torch
+from torch.distributed.device_mesh import init_device_mesh
 
 from ddrl_scale import kernels
 from ddrl_scale.algo.schedules import sigma_schedule
 from ddrl_scale.config import RunConfig
 from ddrl_scale.models import build_model, build_text_encoder, build_vae
 from ddrl_scale.parallel.distributed import World
+from ddrl_scale.parallel.inference_tp import full_parameters, shard_inference_copy
 from ddrl_scale.parallel.roles import Roles
 from ddrl_scale.rewards import WeightedRewards
 from ddrl_scale.rollout.colocated import sample_rollouts, score_rollouts
@@ -38,13 +43,25 @@ from ddrl_scale.runtime import autocast
 logger = logging.getLogger(__name__)
 
 
+def _given_text(text: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+    return text
+
+
 class RolloutWorker:
     def __init__(self, config: RunConfig, roles: Roles, world: World):
         self.config, self.roles, self.device = config, roles, world.device
         self.index = roles.rollout_ranks.index(roles.job_rank)
+        tp = config.rollout.tp_size
+        self.leader = self.index % tp == 0  # scores and sends for its tensor-parallel copy
         # the weights that count come with the first publish; the architecture from the config
         self.model = build_model(config).to(self.device, publish_dtype(config.run.dtype))
         self.model.eval().requires_grad_(False)
+        if tp > 1:  # the rollout world's ranks, copy by copy: ranks [c * tp, (c + 1) * tp) form copy c
+            mesh = init_device_mesh(self.device.type, (roles.num_rollout // tp, tp),
+                                    mesh_dim_names=("copy", "tp"))
+            shard_inference_copy(self.model, mesh["tp"])
+        # this rank's share of the copy: what an operator checks against the GPU's memory
+        self.local_parameters = sum(getattr(p, "_local_tensor", p).numel() for p in self.model.parameters())
         self.text_encoder, self.vae = build_text_encoder(config, self.device), build_vae(config, self.device)
         self.rewards = WeightedRewards([(r.name, r.weight, dict(r.args)) for r in config.rewards])
         self.sigmas = sigma_schedule(config.sampler.num_steps, config.sampler.shift)
@@ -74,20 +91,28 @@ class RolloutWorker:
     def write_status(self, state: str, step: int | None = None) -> None:
         status = {"pid": os.getpid(), "host": socket.gethostname(), "job_rank": self.roles.job_rank,
                   "slurm_node": os.environ.get("SLURMD_NODENAME"),
-                  "state": state, "version": self.version, "step": step, "times": self.times}
+                  "state": state, "version": self.version, "step": step, "times": self.times,
+                  "tp_size": self.config.rollout.tp_size, "local_parameters": self.local_parameters}
         self.status_path.write_text(json.dumps(status))
 
-    def generate(self, order: dict) -> None:
+    def generate(self, order: dict, tensors: dict[str, torch.Tensor]) -> None:
         """Sample on this thread (it needs the weights), then score and send on the scoring thread,
         so decoding and rewards (a remote reward service too) overlap the next batch's sampling."""
         config, step, start = self.config, order["step"], time.perf_counter()
+        encode = self.encode_text
+        if "text" in tensors:  # the anchor shards' caption embeddings, one per prompt
+            given = tensors["text"].to(self.device).repeat_interleave(config.algo.group_size, dim=0)
+            encode = functools.partial(_given_text, given)
         expanded, text, trajectory = sample_rollouts(
-            self.velocity, self.encode_text, order["prompts"], self.latent_shape, self.sigmas,
+            self.velocity, encode, order["prompts"], self.latent_shape, self.sigmas,
             config.sampler, config.algo, config.run.seed, step, order["first_prompt_index"], self.device,
             self.log_prob_fn)
         self.times["generate"] += time.perf_counter() - start
+        if not self.leader:
+            return  # the copy's first rank holds the same samples: it scores and sends them
         # the version and checksum of the weights that sampled this batch, before a publish moves on
-        stamp = {"version": self.version, "checksum": self.checksum}
+        stamp = {"version": self.version, "checksum": self.checksum,
+                 "precomputed_text": "text" in tensors}
         self.scoring.append(self.scorer.submit(self.score_and_send, order, expanded, text, trajectory,
                                                stamp, start))
 
@@ -132,7 +157,7 @@ class RolloutWorker:
         while True:
             # the trainers may spend a while between orders (evaluation, checkpoints, a compile, a
             # slow collective); a dead trainer breaks the connection at once anyway
-            order, _ = self.channel.recv(self.roles.controller, "order",
+            order, tensors = self.channel.recv(self.roles.controller, "order",
                                          self.config.rollout.timeout_s + self.config.parallel.timeout_s)
             start = time.perf_counter()
             self.times["idle"] += start - mark
@@ -143,12 +168,12 @@ class RolloutWorker:
             if order["op"] == "publish":
                 self.version = receive_weights(self.model, self.roles.publish, self.device)
                 if self.config.rollout.verify_publish:
-                    self.checksum = weights_checksum(self.model.named_parameters())
+                    self.checksum = weights_checksum(full_parameters(self.model))
                 self.times["publish"] += time.perf_counter() - start
                 self.write_status("published", None)
             elif order["op"] == "generate":
                 self.write_status("generating", order["step"])
-                self.generate(order)
+                self.generate(order, tensors)
                 self.write_status("sampled", order["step"])
             else:
                 raise ValueError(f"rollout worker {self.index}: unknown order '{order['op']}'")

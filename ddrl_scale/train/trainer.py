@@ -126,12 +126,8 @@ class Trainer:
             slices = [local_slice(config.algo.prompts_per_step, dataclasses.replace(self.world, rank=rank),
                                   self.model_parallel, "algo.prompts_per_step")
                       for rank in range(self.world.world_size)]
-            # the rollout ranks encode the prompts themselves, so the trainers do too (precomputed
-            # caption embeddings in the shards are not used with disaggregated rollouts)
             self.remote = RemoteRollouts(config, roles, self.world, self.engine, slices,
-                                         lambda batch, group: self.batch_text(
-                                             dataclasses.replace(batch, text=None), group),
-                                         self.sigmas)
+                                         self.batch_text, self.sigmas)
 
     # -- stages -------------------------------------------------------------------------------
     def encode_text(self, prompts: list[str]) -> torch.Tensor:
@@ -153,7 +149,7 @@ class Trainer:
     def batch_text(self, batch: AnchorBatch, repeats: int = 1) -> torch.Tensor:
         """Text embeddings of the batch's captions, each repeated `repeats` times in order: the
         shards' precomputed ones when present, else the run's text encoder."""
-        if batch.text is not None and self.remote is None:
+        if batch.text is not None:
             return batch.text.to(self.device).repeat_interleave(repeats, dim=0)
         return self.encode_text([caption for caption in batch.captions for _ in range(repeats)])
 
