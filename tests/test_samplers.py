@@ -158,7 +158,7 @@ def test_sde_trajectory_shapes_and_on_policy_ratio_is_exactly_one():
     velocity_fn = _straight_line_field(target)
     sigmas = sigma_schedule(steps, shift=2.0)
     trajectory = sample(velocity_fn, noise, sigmas, kind="sde",
-                        step_noise=lambda i: keyed_normal((3, 4), [0, 1], 5, i))
+                        step_noise=lambda i: keyed_normal((3, 4), [0, 1], 5, i), record_means=True)
     assert trajectory.states.shape == (steps + 1, 2, 3, 4)
     assert trajectory.means.shape == (steps, 2, 3, 4)
     assert trajectory.log_probs.shape == (steps, 2)
@@ -172,6 +172,20 @@ def test_sde_trajectory_shapes_and_on_policy_ratio_is_exactly_one():
         assert torch.equal(log_prob, trajectory.log_probs[i]), f"step {i}: ratio != 1"
         assert torch.equal(mean, trajectory.means[i])
         assert torch.equal(torch.exp(log_prob - trajectory.log_probs[i]), torch.ones(2))
+
+
+def test_sde_step_without_log_density_samples_the_same_point():
+    """log_density=False (the rollouts' path when a fused kernel scores them) changes nothing but the
+    missing log-prob; sample() keeps no means unless asked."""
+    v, x, noise = torch.randn(2, 3, 4), torch.randn(2, 3, 4), torch.randn(2, 3, 4)
+    full = sde_step(v, x, 0.6, 0.4, noise=noise)
+    bare = sde_step(v, x, 0.6, 0.4, noise=noise, log_density=False)
+    assert bare[1] is None
+    for got, want in zip((bare[0], bare[2], bare[3]), (full[0], full[2], full[3])):
+        assert torch.equal(got, want)
+    trajectory = sample(lambda x, s: torch.zeros_like(x), noise, sigma_schedule(3), kind="sde",
+                        log_prob_fn=lambda v, x, prev, sigma, sigma_next, level: x.new_zeros(x.shape[0]))
+    assert trajectory.means is None and trajectory.log_probs.shape == (3, 2)
 
 
 def test_sample_rejects_unknown_kind():

@@ -35,14 +35,16 @@ def sde_step(
     noise_level: float = 0.7,
     noise: torch.Tensor | None = None,
     prev_sample: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    log_density: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor]:
     """One Gaussian transition x (at sigma) -> prev_sample (at sigma_next < sigma).
 
     v, x: (B, ...); sigma, sigma_next: floats or (B,) tensors; noise: standard normal like x, drawn
     if None; prev_sample: the point to score instead of sampling one (training recomputes the
     log-prob of the rollout's x_{i+1}). Returns fp32 (prev_sample (B, ...), log_prob (B,) = Gaussian
     log-density averaged over the non-batch dims, mean (B, ...), std (B,) = the transition's standard
-    deviation std_t * sqrt(-dt)).
+    deviation std_t * sqrt(-dt)). log_density=False skips the log-prob (None; one elementwise pass
+    less) for a caller that computes it with another kernel.
     """
     v, x = upcast(v), upcast(x)
     sigma_b, sigma_next_b = _per_sample(sigma, x), _per_sample(sigma_next, x)
@@ -59,8 +61,10 @@ def sde_step(
             noise = torch.randn_like(x)
         prev_sample = mean + std * noise.to(mean.dtype)
     prev_sample = prev_sample.to(mean.dtype)
-    log_density = -((prev_sample.detach() - mean) ** 2) / (2.0 * std**2) - torch.log(std) - _LOG_SQRT_2PI
-    log_prob = log_density.mean(dim=tuple(range(1, x.dim())))
+    log_prob = None
+    if log_density:
+        density = -((prev_sample.detach() - mean) ** 2) / (2.0 * std**2) - torch.log(std) - _LOG_SQRT_2PI
+        log_prob = density.mean(dim=tuple(range(1, x.dim())))
     return prev_sample, log_prob, mean, std.reshape(-1)
 
 
@@ -76,7 +80,8 @@ class Trajectory:
     """A batch of rollouts. S = sampling steps, B = samples.
 
     states: (S + 1, B, ...) x_0 = initial noise ... x_S = final sample; means: (S, B, ...) mean of
-    each SDE transition; log_probs: (S, B) behaviour log-probs; sigmas: (S + 1,) float64 schedule.
+    each SDE transition when recorded (else None: as large as the states, and training recomputes
+    them); log_probs: (S, B) behaviour log-probs; sigmas: (S + 1,) float64 schedule.
     """
 
     states: torch.Tensor
@@ -102,6 +107,7 @@ def sample(
     noise_level: float = 0.7,
     step_noise: Callable[[int], torch.Tensor] | None = None,
     log_prob_fn: Callable[..., torch.Tensor] | None = None,
+    record_means: bool = False,
 ) -> Trajectory:
     """Run the sampler from `noise` (B, ...) over `sigmas` (S + 1,); velocity_fn(x, sigma_B) -> v.
 
@@ -110,6 +116,7 @@ def sample(
     deterministic Euler sampler (evaluation). log_prob_fn(v, x, prev_sample, sigma, sigma_next,
     noise_level) -> (B,) computes the behaviour log-probs instead of sde_step (the fused kernel the
     training step uses: the same function on the same inputs keeps the on-policy ratio exactly 1).
+    record_means keeps every transition's mean in the trajectory (for inspection and tests).
     """
     if kind not in ("sde", "ode"):
         raise ValueError(f"sampler kind must be 'sde' or 'ode', got {kind!r}")
@@ -124,10 +131,12 @@ def sample(
         else:
             noise_i = step_noise(index) if step_noise is not None else torch.randn_like(x)
             previous = x
-            x, log_prob, mean, _ = sde_step(v, x, sigma, sigma_next, noise_level, noise=noise_i)
+            x, log_prob, mean, _ = sde_step(v, x, sigma, sigma_next, noise_level, noise=noise_i,
+                                            log_density=log_prob_fn is None)
             if log_prob_fn is not None:
                 log_prob = log_prob_fn(v, previous, x, sigma, sigma_next, noise_level)
-            means.append(mean)
+            if record_means:
+                means.append(mean)
             log_probs.append(log_prob)
         states.append(x)
     return Trajectory(
