@@ -328,6 +328,7 @@ def test_dtensor_inputs_sharded_on_the_batch():
 
 
 TWO_RANK_WORKER = """
+import sys
 import torch, torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import Shard, distribute_tensor
@@ -355,7 +356,7 @@ ref_grad, = torch.autograd.grad(ref_data.sum() + ref_log_prob.sum() + ref_mean.s
 torch.testing.assert_close(data.full_tensor(), ref_data)
 torch.testing.assert_close(log_prob.full_tensor(), ref_log_prob)
 torch.testing.assert_close(grad.full_tensor(), ref_grad)
-print("rank", dist.get_rank(), "ok")
+sys.stdout.write(f"rank {dist.get_rank()} ok\\n")  # one write: the two ranks' lines never interleave
 dist.destroy_process_group()
 """
 
@@ -372,7 +373,7 @@ def test_dtensor_two_ranks_batch_sharded(tmp_path):
                str(script)]
     done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    assert done.stdout.count(" ok") == 2
+    assert sorted(re.findall(r"rank \d ok", done.stdout)) == ["rank 0 ok", "rank 1 ok"], done.stdout
 
 
 # -- dispatch and input checks ------------------------------------------------------------------------------
