@@ -30,7 +30,7 @@ def test_recipe_loads_and_fits_the_wan_adapter(name):
     config = load_config(CONFIGS / name)
     world = config.launch.nodes * config.launch.nproc_per_node
     assert config.model.kind == "diffusers_wan" and config.model.pretrained
-    assert config.parallel.engine == "fsdp2" and config.parallel.cp == 1  # Wan: no context parallel
+    assert config.parallel.engine == "fsdp2" and config.parallel.cp == 1  # as ddrl plan chose
     assert config.algo.prompts_per_step % world == 0  # every rank holds whole prompt groups
     assert list(config.model.patch_size) == [1, 2, 2] and config.model.text_dim == 4096
     assert config.video.channels == 16  # AutoencoderKLWan latents

@@ -77,14 +77,15 @@ def build_model(config) -> torch.nn.Module:
         from ddrl_scale.config.schema import ConfigError
         from ddrl_scale.models.wan import load_wan_policy
 
-        if config.parallel.cp > 1:
-            raise ConfigError("config key 'parallel.cp': expected 1 with model.kind=diffusers_wan "
-                              f"(context parallel is implemented for the built-in DiT only), got "
-                              f"{config.parallel.cp}")
         if config.parallel.engine == "megatron":
             raise ConfigError("config key 'parallel.engine': expected none|fsdp2|deepspeed with "
                               "model.kind=diffusers_wan (the Megatron engine builds the DiT), got 'megatron'")
-        return load_wan_policy(config)
+        policy = load_wan_policy(config)
+        if config.parallel.cp > 1:  # indivisible heads or tokens fail here, before any collective
+            from ddrl_scale.parallel.wan_context_parallel import check_divisible
+
+            check_divisible(policy.config, config.parallel.cp)
+        return policy
     model = VideoDiT(dit_config_from(config))
     if config.model.init_checkpoint.lower() not in ("", "none"):
         load_weights(model, config.model.init_checkpoint)

@@ -1,6 +1,6 @@
-"""Parallelism applied to a plain VideoDiT from outside: context parallel over the tokens,
-activation checkpointing, per-block compile, FSDP2 (per block, then the root) over a 1-D (FSDP,
-all ranks: data and context parallel ranks alike) or 2-D (HSDP) device mesh.
+"""Parallelism applied to a plain VideoDiT or the Wan policy from outside: context parallel over
+the tokens, activation checkpointing, per-block compile, FSDP2 (per block, then the root) over a
+1-D (FSDP, all ranks: data and context parallel ranks alike) or 2-D (HSDP) device mesh.
 
 Parameter names stay those of the plain model (no wrapper prefixes), so checkpoints move freely
 between engines and world sizes.
@@ -18,8 +18,10 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.utils.checkpoint import checkpoint
 
 from ddrl_scale.config.schema import ParallelSection
+from ddrl_scale.models.wan import WanPolicy
 from ddrl_scale.parallel.context_parallel import apply_context_parallel
 from ddrl_scale.parallel.distributed import World
+from ddrl_scale.parallel.wan_context_parallel import apply_wan_context_parallel
 
 logger = logging.getLogger(__name__)
 
@@ -74,7 +76,9 @@ def parallelize_video_dit(model: nn.Module, parallel: ParallelSection, world: Wo
                              f"{world.world_size}")
         mesh = init_device_mesh(world.device.type, (world.world_size // parallel.cp, parallel.cp),
                                 mesh_dim_names=("dp", "cp"))
-        apply_context_parallel(model, mesh["cp"].get_group())
+        # the Wan policy's split points differ from the DiT's (parallel/wan_context_parallel.py)
+        apply_cp = apply_wan_context_parallel if isinstance(model, WanPolicy) else apply_context_parallel
+        apply_cp(model, mesh["cp"].get_group())
     if parallel.activation_checkpointing:
         apply_activation_checkpointing(model)
     if parallel.compile_blocks:
