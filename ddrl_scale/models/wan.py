@@ -278,8 +278,9 @@ def load_wan_weights(policy: WanPolicy, path: str | Path) -> str:
 class WanTextEncoder:
     """The pipeline folder's text encoder (UMT5 for Wan2.1) behind `encode(prompts, device)`.
 
-    Like the Wan pipeline: tokens up to max_tokens, the encoder's last hidden state, positions past
-    each prompt's length set to zero (so no attention mask is needed downstream).
+    Like the Wan pipeline (diffusers' WanPipeline.encode_prompt): prompts cleaned as it cleans them,
+    tokens up to max_tokens, the encoder's last hidden state, positions past each prompt's length
+    set to zero (so no attention mask is needed downstream).
     """
 
     def __init__(self, folder: str | Path, max_tokens: int, device: str | torch.device = "cpu",
@@ -300,18 +301,33 @@ class WanTextEncoder:
                              f"this transformers does not have")
         self.tokenizer = transformers.AutoTokenizer.from_pretrained(str(root / "tokenizer"),
                                                                     local_files_only=True)
+        # `dtype`, not the older `torch_dtype` that transformers 5 only keeps for compatibility
         self.model = model_class.from_pretrained(str(root / "text_encoder"), local_files_only=True,
-                                                 torch_dtype=dtype).to(device).eval().requires_grad_(False)
+                                                 dtype=dtype).to(device).eval().requires_grad_(False)
         self.max_tokens, self.device = max_tokens, torch.device(device)
+
+    @staticmethod
+    def clean(prompt: str) -> str:
+        """The Wan pipeline's prompt cleaning: HTML entities unescaped (twice, for doubly escaped
+        captions), whitespace runs collapsed to one space, ends stripped. The pipeline also runs ftfy
+        when that package is installed; it is not a dependency here, so mojibake is left as it is."""
+        import html
+        import re
+
+        return re.sub(r"\s+", " ", html.unescape(html.unescape(prompt)).strip()).strip()
 
     @torch.no_grad()
     def encode(self, prompts: list[str], device: torch.device | str = "cpu") -> torch.Tensor:
         """Embeddings (B, max_tokens, dim), float32, zero past each prompt's tokens."""
-        tokens = self.tokenizer(prompts, padding="max_length", max_length=self.max_tokens,
-                                truncation=True, return_tensors="pt")
+        # cleaned like the pipeline the model was trained with: "a  cat &amp; dog" must give the
+        # tokens of "a cat & dog", or the policy is conditioned on text it never saw
+        tokens = self.tokenizer([self.clean(prompt) for prompt in prompts], padding="max_length",
+                                max_length=self.max_tokens, truncation=True, return_tensors="pt")
         mask = tokens.attention_mask.to(self.device)
         hidden = self.model(tokens.input_ids.to(self.device), attention_mask=mask).last_hidden_state
-        return (hidden.float() * mask[..., None]).to(device)
+        # zeros written, not multiplied in: like the pipeline's cut-and-pad, exact zeros even where a
+        # low-precision encoder left inf or NaN in a padded position
+        return hidden.float().masked_fill(mask[..., None] == 0, 0.0).to(device)
 
 
 # -- FLOPs -----------------------------------------------------------------------------------------
