@@ -7,8 +7,7 @@ Checked against UMT5EncoderModel itself (tokens written out by hand, not by the 
 and against diffusers' own WanPipeline.encode_prompt. Needs transformers and diffusers (skipped
 without them).
 
-`ddrl data prepare --text-encoder` takes only none | hash[:dim:tokens] (data/encoders.py), so prepared
-caption embeddings from this encoder cannot be made and are not tested here.
+`ddrl data prepare --text-encoder diffusers:<tokens>:<folder>` stores the same embeddings in the shards.
 """
 
 from __future__ import annotations
@@ -29,7 +28,7 @@ tokenizers = pytest.importorskip("tokenizers", reason="needs tokenizers (install
 import test_wan_adapter  # noqa: E402
 from test_wan_adapter import TINY_WAN, _wan_overrides, diffusers  # noqa: E402
 
-from ddrl_scale.config import load_config  # noqa: E402
+from ddrl_scale.config import ConfigError, load_config  # noqa: E402
 from ddrl_scale.models import build_text_encoder  # noqa: E402
 from ddrl_scale.models.text import HashTextEncoder  # noqa: E402
 from ddrl_scale.models.wan import WanTextEncoder  # noqa: E402
@@ -146,6 +145,10 @@ def test_build_text_encoder_picks_the_folders_encoder(text_folder, wan_folder, t
     shutil.copytree(text_folder, no_tokenizer, ignore=shutil.ignore_patterns("tokenizer"))
     with pytest.raises(FileNotFoundError, match="has no tokenizer/ folder"):
         build(no_tokenizer, "auto")
+    # an encoder whose width is not model.text_dim is refused when it is built, naming the key
+    with pytest.raises(ConfigError, match=r"model.text_dim.*expected 8"):
+        build_text_encoder(load_config(None, [*_wan_overrides(text_folder, tmp_path, shared_shards_dir),
+                                              "model.text_encoder=pretrained", "model.text_dim=16"]))
 
 
 def test_unknown_architecture_is_a_clear_error(text_folder, tmp_path):
@@ -185,3 +188,27 @@ def test_a_wan_run_trains_with_the_pretrained_text_encoder(text_folder, tmp_path
     # at least the captions of both steps' data loss (algo.prompts_per_step=2) and the evaluation
     assert len(seen) >= 2 * 2 + 2 and all(isinstance(prompt, str) and prompt for prompt in seen)
     assert (run_dir / "eval_after.json").is_file()
+
+
+def test_prepare_stores_the_wan_encoders_caption_embeddings(text_folder, tmp_path):
+    """mp4 -> `ddrl data prepare --text-encoder diffusers:12:<folder>` -> each sample's stored text is
+    WanTextEncoder.encode of its caption (in the shards' fp16)."""
+    from test_data_prepare import make_videos
+
+    from ddrl_scale.data import prepare as prepare_module
+    from ddrl_scale.data.latent_shards import decode_sample, iter_shard
+
+    make_videos(tmp_path / "videos", 3)
+    settings = prepare_module.PrepareSettings(num_frames=4, height=8, width=8, samples_per_shard=4,
+                                              text_encoder=f"diffusers:{MAX_TOKENS}:{text_folder}")
+    prepare_module.prepare(str(tmp_path / "videos"), tmp_path / "anchor", settings)
+    encoder = WanTextEncoder(text_folder, MAX_TOKENS)
+    seen = 0
+    for shard in sorted((tmp_path / "anchor").glob("*.tar")):
+        for raw in iter_shard(str(shard)):
+            sample = decode_sample(raw.key, raw.members)
+            text = sample.text
+            assert text.dtype == torch.float16 and text.shape == (MAX_TOKENS, UMT5["d_model"])
+            assert torch.equal(text, encoder.encode([sample.caption])[0].half()), raw.key
+            seen += 1
+    assert seen == 3

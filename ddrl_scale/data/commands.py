@@ -26,7 +26,9 @@ def add_data_commands(data_commands: argparse._SubParsersAction) -> None:
     prepare.add_argument("--width", type=int, default=16)
     prepare.add_argument("--frame-stride", type=int, default=1, help="take every k-th frame")
     prepare.add_argument("--vae", default="pixel", help="pixel | patch:<P> | diffusers:<folder>")
-    prepare.add_argument("--text-encoder", default="none", help="none | hash | hash:<dim>:<max_tokens>")
+    prepare.add_argument("--text-encoder", default="none",
+                         help="none | hash | hash:<dim>:<max_tokens> | diffusers:[<max_tokens>:]<folder> "
+                              "(a diffusers pipeline's text_encoder/ + tokenizer/, e.g. Wan2.1's UMT5)")
     prepare.add_argument("--dtype", default="fp16", choices=["fp16", "bf16"])
     prepare.add_argument("--format", dest="latent_format", default="safetensors",
                          choices=["safetensors", "npy"])

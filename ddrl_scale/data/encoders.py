@@ -10,8 +10,12 @@ VAE specs (the `--vae` option):
                               channels, (3 P^2, T, H / P, W / P); lossless, for CPU tests of shapes
     diffusers:<folder>        a diffusers video VAE (AutoencoderKLWan, ...) saved in <folder> (its
                               config.json names the class); needs `diffusers` installed
-Text-encoder specs (`--text-encoder`): none | hash | hash:<dim>:<max_tokens> (the demo's
-models.text.HashTextEncoder).
+Text-encoder specs (`--text-encoder`):
+    none | hash | hash:<dim>:<max_tokens>   the demo's models.text.HashTextEncoder
+    diffusers:[<max_tokens>:]<folder>        a diffusers pipeline folder's text_encoder/ + tokenizer/
+                                             (UMT5 for Wan2.1; models.wan.WanTextEncoder, as a
+                                             model.kind=diffusers_wan run encodes); max_tokens as the
+                                             run's model.max_text_tokens, default 512 (Wan's)
 """
 
 from __future__ import annotations
@@ -123,13 +127,25 @@ def build_vae(spec: str, device: str = "cpu"):
     raise ValueError(f"--vae {spec!r}: expected pixel, patch:<P> or diffusers:<folder>")
 
 
-def build_text_encoder(spec: str) -> HashTextEncoder | None:
-    """None for 'none', else the demo's hash encoder: 'hash' or 'hash:<dim>:<max_tokens>'."""
+WAN_MAX_TOKENS = 512  # the Wan pipeline's max_sequence_length
+
+
+def build_text_encoder(spec: str, device: str = "cpu"):
+    """None for 'none', else an encoder with `encode(prompts) -> (B, max_tokens, dim)` (see above)."""
     if spec == "none":
         return None
+    if spec.startswith("diffusers:"):
+        from ddrl_scale.models.wan import WanTextEncoder
+
+        rest = spec.split(":", 1)[1]
+        tokens, _, folder = rest.partition(":")
+        if not (tokens.isdigit() and folder):
+            tokens, folder = str(WAN_MAX_TOKENS), rest
+        return WanTextEncoder(folder, int(tokens), device)
     if spec == "hash":
         return HashTextEncoder()
     parts = spec.split(":")
     if parts[0] == "hash" and len(parts) == 3 and all(part.isdigit() for part in parts[1:]):
         return HashTextEncoder(int(parts[1]), int(parts[2]))
-    raise ValueError(f"--text-encoder {spec!r}: expected none, hash or hash:<dim>:<max_tokens>")
+    raise ValueError(f"--text-encoder {spec!r}: expected none, hash, hash:<dim>:<max_tokens> or "
+                     f"diffusers:[<max_tokens>:]<folder>")

@@ -258,7 +258,7 @@ def _encoders(settings: PrepareSettings) -> tuple:
     cache_key = (settings.vae, settings.text_encoder, settings.device)
     if cache_key not in _ENCODERS:
         _ENCODERS[cache_key] = (build_vae(settings.vae, settings.device),
-                                build_text_encoder(settings.text_encoder))
+                                build_text_encoder(settings.text_encoder, settings.device))
     return _ENCODERS[cache_key]
 
 

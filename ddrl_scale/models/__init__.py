@@ -125,9 +125,18 @@ def _wan_component(config, setting: str, sub: str) -> bool:
 def build_text_encoder(config, device: str | torch.device = "cpu"):
     """The run's text encoder: `encode(prompts, device) -> (B, max_text_tokens, text_dim)`."""
     if _wan_component(config, config.model.text_encoder, "text_encoder"):
+        from ddrl_scale.config.schema import ConfigError
         from ddrl_scale.models.wan import WanTextEncoder
 
-        return WanTextEncoder(config.model.pretrained, config.model.max_text_tokens, device)
+        # bf16 on GPUs for a bf16 run, as the Wan pipeline runs it: UMT5-XXL is ~19 GB in fp32
+        dtype = (torch.bfloat16 if torch.device(device).type == "cuda" and config.run.dtype == "bf16"
+                 else torch.float32)
+        encoder = WanTextEncoder(config.model.pretrained, config.model.max_text_tokens, device, dtype)
+        width = getattr(encoder.model.config, "d_model", config.model.text_dim)
+        if width != config.model.text_dim:  # else the first forward fails far from the cause
+            raise ConfigError(f"config key 'model.text_dim': expected {width} (the width of "
+                              f"'{config.model.pretrained}/text_encoder'), got {config.model.text_dim}")
+        return encoder
     return HashTextEncoder(config.model.text_dim, config.model.max_text_tokens)
 
 
