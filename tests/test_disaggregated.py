@@ -209,10 +209,13 @@ def test_resume_of_a_disaggregated_run_is_exact(base: list[str], runs: Path):
         assert {k: got[step][k] for k in LOSS_KEYS} == {k: want[step][k] for k in LOSS_KEYS}, step
 
 
-def test_hung_rollout_rank_stops_the_run_with_an_error_naming_it(base: list[str], runs: Path):
-    """SIGSTOP the rollout rank mid-run: the trainer ends within rollout.timeout_s (8 s), naming
-    job rank 1, and the checkpoints written before stay complete and loadable."""
-    run_dir, log = runs / "hung", runs / "hung.log"
+@pytest.mark.parametrize("fault", ["hangs", "dies"])
+def test_a_hung_or_dead_rollout_rank_stops_the_run_with_an_error_naming_it(base: list[str], runs: Path,
+                                                                            fault: str):
+    """SIGSTOP (hangs) or SIGKILL (dies) the rollout rank mid-run: the trainer ends within
+    rollout.timeout_s (8 s), with an error naming job rank 1, and the checkpoints written before
+    stay complete and loadable."""
+    run_dir, log = runs / fault, runs / f"{fault}.log"
     # eager kernels: a first-step compile must not count against the short timeout of this test
     process = _launch([*base, *DISAGGREGATED, "rollout.timeout_s=8", "kernels.backend=torch",
                        "train.steps=400", "train.save_every=1", "train.keep_last=100",
@@ -226,7 +229,7 @@ def test_hung_rollout_rank_stops_the_run_with_an_error_naming_it(base: list[str]
                 break
             time.sleep(0.05)
         assert pid is not None, f"no checkpoint and worker status in time:\n{_output(log)}"
-        os.kill(pid, signal.SIGSTOP)
+        os.kill(pid, signal.SIGSTOP if fault == "hangs" else signal.SIGKILL)
         stopped_at = time.monotonic()
         status = process.wait(timeout=90)
         elapsed = time.monotonic() - stopped_at
@@ -242,7 +245,8 @@ def test_hung_rollout_rank_stops_the_run_with_an_error_naming_it(base: list[str]
     output = _output(log, 10**6)
     assert status != 0, output[-4000:]
     assert "job rank 1" in output and "rollout.timeout_s" in output, output[-4000:]
-    print(f"trainer stopped {elapsed:.1f} s after the rollout rank hung (timeout 8 s)")
+    assert elapsed < 60, f"{elapsed:.0f} s"
+    print(f"trainer stopped {elapsed:.1f} s after the rollout rank {fault} (timeout 8 s)")
     saved = complete_checkpoints(run_dir)
     assert saved, output[-4000:]
     assert read_weights(saved[-1])  # the last checkpoint is whole and loads
