@@ -144,7 +144,7 @@ def test_rollout_ranks_use_the_shards_caption_embeddings(base: list[str], runs: 
             return 2 * super().encode(prompts, device)
 
     monkeypatch.setattr(prepare_module, "_ENCODERS", {})
-    monkeypatch.setattr(prepare_module, "build_text_encoder", lambda spec: Doubled(8, 12))
+    monkeypatch.setattr(prepare_module, "build_text_encoder", lambda spec, device="cpu": Doubled(8, 12))
     make_videos(runs / "videos", 4)
     prepare_module.prepare(str(runs / "videos"), runs / "anchor", prepare_module.PrepareSettings(
         num_frames=4, height=8, width=8, samples_per_shard=2, text_encoder="hash:8:12"))

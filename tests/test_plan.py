@@ -7,10 +7,12 @@ import json
 import os
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
+import torch.multiprocessing as mp
 
 from ddrl_scale.config import load_config
 from ddrl_scale.models.dit import DiTConfig, VideoDiT
@@ -26,6 +28,9 @@ from ddrl_scale.telemetry.plan import (
     evaluate_plan,
     parameter_counts,
     rank_plans,
+    rollout_rank_memory,
+    rollout_tp_candidates,
+    trajectory_bytes_per_sample,
 )
 from ddrl_scale.telemetry.plan_cli import latent_size, main
 
@@ -140,6 +145,71 @@ def test_memory_prediction_of_fsdp2_on_two_ranks(parallel, tiny_overrides, tmp_p
         assert _within(figures["predicted"], figures["lower"], figures["measured"], 0.20), figures
 
 
+ROLLOUT_COPY = ["model.init_checkpoint=none", "model.text_dim=32", "model.max_text_tokens=12",
+                "video.num_frames=8", "video.height=16", "video.width=16", "model.patch_size=[2,2,2]",
+                "model.hidden_size=96", "model.depth=2", "model.num_heads=4", "sampler.num_steps=4",
+                "algo.group_size=4", "algo.prompts_per_step=2"]
+
+
+def _rollout_rank_peak(rank: int, size: int, store_file: str, out_dir: str) -> None:
+    """One rank of a rollout copy split `size` ways (as rollout/worker.py builds it): its local
+    parameters and the peak of sampling one batch, measured after a first batch."""
+    import torch.distributed as dist
+
+    from ddrl_scale.algo.schedules import sigma_schedule
+    from ddrl_scale.models import build_model
+    from ddrl_scale.parallel.inference_tp import shard_inference_copy
+    from ddrl_scale.rollout.colocated import sample_rollouts
+
+    torch.set_num_threads(1)
+    config = load_config(None, ROLLOUT_COPY)
+    if size > 1:
+        dist.init_process_group("gloo", init_method=f"file://{store_file}", rank=rank, world_size=size)
+    model = build_model(config).eval().requires_grad_(False)
+    if size > 1:
+        shard_inference_copy(model, dist.device_mesh.init_device_mesh("cpu", (size,)))
+    video, algo = config.video, config.algo
+    shape = (video.channels, video.num_frames, video.height, video.width)
+    prompts = [f"prompt {index}" for index in range(algo.prompts_per_step)]
+    text = torch.randn(len(prompts) * algo.group_size, config.model.max_text_tokens, config.model.text_dim,
+                       generator=torch.Generator().manual_seed(0))
+    sigmas = sigma_schedule(config.sampler.num_steps, config.sampler.shift)
+
+    def sample():
+        return sample_rollouts(lambda x, sigma, context: model(x, sigma, context), lambda _: text, prompts,
+                               shape, sigmas, config.sampler, algo, 0, 1, 0, torch.device("cpu"))
+
+    sample()
+    _, peak = measure_cpu_peak_memory(sample)
+    local = sum(getattr(p, "_local_tensor", p).numel() for p in model.parameters())
+    Path(out_dir, f"rollout{rank}.json").write_text(json.dumps(
+        {"local_parameters": local, "increase": peak.peak_increase_bytes,
+         "lower": peak.peak_increase_bytes - peak.unseen_free_bytes}))
+    if size > 1:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("tp", [1, pytest.param(2, marks=pytest.mark.slow)])  # 2: two processes
+def test_rollout_rank_memory_matches_a_measured_copy(tp, tmp_path):
+    """A rollout copy whole and split over 2 gloo ranks: its local parameters exactly, the peak of
+    sampling (trajectory + forward temporaries) within 10% (measured within 2%)."""
+    if tp == 1:
+        _rollout_rank_peak(0, 1, "", str(tmp_path))
+    else:
+        mp.spawn(_rollout_rank_peak, args=(tp, str(tmp_path / "store"), str(tmp_path)), nprocs=tp,
+                 join=True)
+    workload = Workload.from_config(load_config(None, ROLLOUT_COPY))
+    predicted = rollout_rank_memory(workload, ParallelPlan(1, rollout_ranks=tp, rollout_tp=tp))
+    # the video is decoded after sampling, on the scoring thread: not part of this measurement
+    sampling = predicted["activations"] + predicted["trajectory"] - workload.samples * 4 * (
+        workload.pixel_elements)
+    assert predicted["trajectory"] == workload.samples * trajectory_bytes_per_sample(workload)
+    for rank in range(tp):
+        figures = json.loads((tmp_path / f"rollout{rank}.json").read_text())
+        assert predicted["parameters"] == 4 * figures["local_parameters"]  # an fp32 run's copy
+        assert _within(sampling, figures["lower"], figures["increase"], 0.10), (sampling, figures)
+
+
 def test_measure_cpu_peak_memory_counts_known_allocations():
     kept = torch.ones(1_000_000)  # 4 MB alive before and after: baseline
 
@@ -232,6 +302,100 @@ def test_separate_rollout_ranks_hold_a_copy_publish_weights_and_overlap_with_lag
     assert overlapped.times["mfu"] > times["mfu"]
 
 
+# -- tensor-parallel rollout copies ---------------------------------------------------------------
+def test_rollout_tp_splits_a_rollout_ranks_projections_and_their_temporaries():
+    workload = _big_workload()
+    params, split = parameter_counts(workload.dit)
+    dit = workload.dit
+    # the same 4 copies, whole or split over 2 and 4 ranks: the same samples per rank
+    by_tp = {tp: rollout_rank_memory(workload, ParallelPlan(8, rollout_ranks=4 * tp, rollout_tp=tp))
+             for tp in (1, 2, 4)}
+    for tp, memory in by_tp.items():
+        assert memory["parameters"] == pytest.approx(2 * (params - split + split / tp))  # bf16 copy
+        assert memory["trajectory"] == by_tp[1]["trajectory"]  # every rank of a copy holds its samples
+    # the split projections are most of a DiT: the copy shrinks by their share, not by tp
+    assert by_tp[1]["parameters"] - by_tp[2]["parameters"] == pytest.approx(2 * split / 2)
+    assert by_tp[4]["parameters"] > 2 * (params - split)
+    # the MLP stage's hidden activation is what splits: per sample, tokens x MLP width x (2 - 2 / tp)
+    samples = workload.samples / 4
+    saved = samples * dit.num_tokens * 2 * dit.mlp_hidden * (1 - 1 / 2) * 2
+    assert by_tp[1]["activations"] - by_tp[2]["activations"] == pytest.approx(saved)
+    assert by_tp[1]["total"] > by_tp[2]["total"] > by_tp[4]["total"]
+    # with the rollout ranks fixed, TP means fewer copies: each rank's trajectories grow
+    fixed = rollout_rank_memory(workload, ParallelPlan(8, rollout_ranks=4, rollout_tp=2))
+    assert fixed["trajectory"] == pytest.approx(2 * by_tp[1]["trajectory"])
+    assert fixed["parameters"] == by_tp[2]["parameters"]
+    # the plan's memory carries the rollout rank's parts
+    plan_memory = estimate_memory(workload, ParallelPlan(8, shard=8, rollout_ranks=8, rollout_tp=2))
+    assert plan_memory["rollout_rank_total"] == pytest.approx(by_tp[2]["total"])
+
+
+def test_rollout_tp_all_reduces_on_the_rollout_side_of_the_step():
+    workload = _big_workload()
+    cluster = Cluster(H100, 8, 2)
+    plan = ParallelPlan(8, shard=8, activation_checkpointing=True, rollout_ranks=8)
+    whole = evaluate_plan(workload, plan, cluster)
+    split = evaluate_plan(workload, replace(plan, rollout_tp=2), cluster)
+    assert whole.feasible and split.feasible and "rollout_tp" not in whole.comm
+    # 8 ranks compute their 1/8 of the sampling FLOPs either way; the split copies also all-reduce
+    assert split.times["rollout_compute_s"] == pytest.approx(whole.times["rollout_compute_s"])
+    dit = workload.dit
+    copy_samples = workload.samples / 4
+    volume = (workload.sampler_steps * copy_samples * dit.depth * 3 * dit.num_tokens * dit.hidden_size
+              * 2 * 2 * (1 / 2))  # 3 bf16 all-reduces per block and forward, ring of 2
+    entry = split.comm["rollout_tp"]
+    assert entry["bytes"] == pytest.approx(volume) and entry["link"] == "intra"
+    seconds = volume / (entry["gb_s"] * 1e9 * Assumptions().comm_efficiency)
+    assert split.times["rollout_s"] == pytest.approx(split.times["rollout_compute_s"] + seconds)
+    assert split.times["step_s"] == pytest.approx(whole.times["step_s"] + seconds)  # lag 0: in turn
+    # trainers 0..5 leave rollout copy 0 (ranks 6..9) straddling two nodes
+    straddling = communication(workload, ParallelPlan(6, shard=6, rollout_ranks=8, rollout_tp=4), cluster)
+    assert straddling["rollout_tp"]["link"] == "inter"
+
+
+def test_infeasible_rollout_tp_is_rejected_with_the_reason():
+    workload = _big_workload()  # 12 heads, MLP width 6144, 8 prompts
+    cluster = Cluster(H100, 8, 4)
+
+    def reasons(**plan) -> str:
+        trainers = ParallelPlan(8, shard=8, activation_checkpointing=True, **plan)
+        return "; ".join(evaluate_plan(workload, trainers, cluster).reasons)
+
+    assert "rollout TP=8 must divide num_heads=12 and the MLP width 6144" in reasons(rollout_ranks=8,
+                                                                                    rollout_tp=8)
+    assert "rollout TP=4 must divide the 6 rollout ranks" in reasons(rollout_ranks=6, rollout_tp=4)
+    assert ("algo.prompts_per_step=8 is not a multiple of the 16 rollout copies (16 rollout ranks / "
+            "rollout TP 1" in reasons(rollout_ranks=16))
+    assert reasons(rollout_ranks=16, rollout_tp=2) == ""  # 8 copies of 2 ranks: one prompt each
+    assert "needs separate rollout ranks" in reasons(rollout_tp=2)
+    small = Cluster(H100.__class__(**{**H100.__dict__, "memory_gb": 3.0}), 8, 4)
+    too_big = evaluate_plan(workload, ParallelPlan(8, shard=8, activation_checkpointing=True,
+                                                   rollout_ranks=4), small)
+    assert any(r.startswith("needs ") and "per rollout GPU" in r for r in too_big.reasons)
+
+
+def test_rank_plans_adds_the_smallest_rollout_tp_that_runs():
+    workload = _big_workload()
+    cluster = Cluster(H100, 8, 3)
+    # 16 rollout ranks, 8 prompts: whole copies would be 16, so TP2 (8 copies) is added
+    assert rollout_tp_candidates(workload, cluster, 16) == (1, 2)
+    assert rollout_tp_candidates(workload, cluster, 8) == (1,)  # whole copies run: nothing added
+    assert rollout_tp_candidates(workload, cluster, 0, (2,)) == (1,)  # colocated: no rollout copies
+    feasible, rejected = rank_plans(workload, cluster, rollout_ranks=(16,))
+    assert feasible and {r.plan.rollout_tp for r in feasible} == {2}
+    assert feasible[0].plan.describe().endswith("+16 rollout (TP2)")
+    assert any("not a multiple of the 16 rollout copies" in " ".join(r.reasons) for r in rejected)
+    # a device on which a whole bf16 copy (2.6 GB) and its samples do not fit, but half of one does
+    # (small groups: with the rollout ranks fixed, TP2 doubles a rank's samples and their videos)
+    workload = _big_workload(**{"algo.group_size": 2})
+    whole = rollout_rank_memory(workload, ParallelPlan(8, rollout_ranks=8))["total"]
+    half = rollout_rank_memory(workload, ParallelPlan(8, rollout_ranks=8, rollout_tp=2))["total"]
+    memory_gb = (whole + half) / 2 / 0.9 / 1e9
+    small = Cluster(H100.__class__(**{**H100.__dict__, "memory_gb": memory_gb}), 8, 2)
+    assert rollout_tp_candidates(workload, small, 8) == (1, 2)
+    assert rollout_tp_candidates(workload, small, 8, (2,)) == (2,)
+
+
 # -- ranking and rejection ------------------------------------------------------------------------
 def test_rank_plans_sorts_feasible_ones_and_names_why_others_fail():
     workload = _big_workload()
@@ -297,6 +461,28 @@ def test_plan_command_reads_a_config_and_its_launch_section(tmp_path, capsys):
     assert main(["--config", str(config), "model.depth=3", "--gpu", "a100"]) == 0
     out = capsys.readouterr().out
     assert "model: 3 layers x 64 wide" in out and "2 node(s) x 4 a100" in out
+
+
+def test_plan_command_reads_the_rollout_ranks_and_rollout_tp_of_a_config(tmp_path, capsys):
+    config = tmp_path / "run.yaml"
+    config.write_text("model:\n  hidden_size: 64\n  num_heads: 4\nrollout:\n  mode: disaggregated\n"
+                      "  num_ranks: 2\n  tp_size: 2\nlaunch:\n  nproc_per_node: 4\n")
+    assert main(["--config", str(config), "--gpu", "a100", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    plans = report["plans"] + report["rejected"]
+    assert report["plans"] and {(p["rollout_ranks"], p["rollout_tp"]) for p in plans} == {(2, 2)}
+    assert report["plans"][0]["plan"].endswith("+2 rollout (TP2)")
+    assert any("rollout TP k (rollout.tp_size)" in line for line in report["assumptions"])
+
+
+def test_plan_command_rollout_tp_flag(capsys):
+    assert main([*FLAGS, "--nodes", "2", "--rollout-ranks", "8", "--rollout-tp", "2", "4"]) == 0
+    out = capsys.readouterr().out
+    assert "+8 rollout (TP2)" in out and "+8 rollout (TP4)" in out and "+8 rollout  " not in out
+    assert "#1 memory per rollout GPU (GB, rollout TP 2): parameters" in out
+    assert "rollout_tp" in out  # the copy's all-reduces in the #1 plan's traffic
+    assert main([*FLAGS, "--rollout-ranks", "2", "--rollout-tp", "0"]) == 2
+    assert "--rollout-tp: expected values >= 1" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -3,8 +3,9 @@
 Given a DiT (layers, width, heads), a video shape, a DDRL iteration (prompts, group size, sampler
 steps), a cluster (GPU type, GPUs per node, nodes) and the plans the framework's engines can run
 (fsdp2: FSDP / HSDP shard groups, Ulysses context parallel, activation checkpointing; megatron:
-tensor parallel x replicated data parallel; optional separate rollout ranks), it predicts what
-each plan costs, rejects those that cannot run (naming why) and ranks the rest by step time.
+tensor parallel x replicated data parallel; optional separate rollout ranks, whose inference
+copies may be tensor parallel over `rollout.tp_size` ranks), it predicts what each plan costs,
+rejects those that cannot run (naming why) and ranks the rest by step time.
 
 The memory model counts what the framework's code keeps, per GPU (tested against measured peak
 tensor memory of real CPU training steps in tests/test_plan.py):
@@ -15,8 +16,13 @@ tensor memory of real CPU training steps in tests/test_plan.py):
   width + 2 x tokens x MLP width per sample (18 of the 24 and the MLP part split by TP), plus
   per-head and text terms; with activation checkpointing one block input per block, plus one
   block recomputed during backward;
-- the rollout trajectory (sampler states) and decoded videos kept for the loss;
+- the rollout trajectory (sampler states and behaviour log-probs) and decoded videos kept for
+  the loss;
 - gradients alive during the forward when several denoising steps accumulate into one step.
+A separate rollout rank holds its share of a bf16 / fp32 inference copy (1 / rollout TP of the
+projections, the rest whole), a publish receive buffer, and its copy's samples' trajectories and
+the temporaries of a forward without grad (those of the split layers divided by rollout TP); checked
+against measured CPU peaks of sampling on a whole and a 2-way split copy in tests/test_plan.py.
 """
 
 from __future__ import annotations
@@ -106,7 +112,8 @@ def parameter_counts(dit: DiTConfig) -> tuple[int, int]:
 @dataclass(frozen=True)
 class ParallelPlan:
     """trainers: ranks that train (the cluster's GPUs minus rollout_ranks). shard: FSDP shard group
-    size (trainers / shard = HSDP replicas); TP runs on the megatron engine (no sharding)."""
+    size (trainers / shard = HSDP replicas); TP runs on the megatron engine (no sharding).
+    rollout_tp: rollout ranks per inference copy (rollout.tp_size); the copies split the prompts."""
 
     trainers: int
     tp: int = 1
@@ -114,6 +121,12 @@ class ParallelPlan:
     shard: int = 1
     activation_checkpointing: bool = False
     rollout_ranks: int = 0
+    rollout_tp: int = 1
+
+    @property
+    def rollout_copies(self) -> int:
+        """Inference copies on the rollout ranks (0 when colocated): each samples its own prompts."""
+        return self.rollout_ranks // self.rollout_tp
 
     @property
     def engine(self) -> str:
@@ -140,6 +153,8 @@ class ParallelPlan:
             parts.append("+AC")
         if self.rollout_ranks:
             parts.append(f"+{self.rollout_ranks} rollout")
+        if self.rollout_tp > 1:
+            parts.append(f"(TP{self.rollout_tp})")
         return " ".join(parts)
 
 
@@ -158,6 +173,16 @@ class Cluster:
         order): the NIC when the group spans nodes, else the intra-node link."""
         if group_size * stride > self.gpus_per_node:
             return self.device.inter_node_gb_s, "inter"
+        return self.device.intra_node_gb_s, "intra"
+
+    def rollout_copy_bandwidth(self, plan: ParallelPlan) -> tuple[float, str]:
+        """Per-direction GB/s inside a rollout copy: the rollout ranks are the job's last ones and a
+        copy is `rollout_tp` consecutive ranks, so a copy straddles nodes when the trainers (or the
+        copy size) do not line up with the node boundaries."""
+        for copy in range(plan.rollout_copies):
+            first = plan.trainers + copy * plan.rollout_tp
+            if first // self.gpus_per_node != (first + plan.rollout_tp - 1) // self.gpus_per_node:
+                return self.device.inter_node_gb_s, "inter"
         return self.device.intra_node_gb_s, "intra"
 
 
@@ -190,9 +215,13 @@ class Assumptions:
             "TP and CP collectives and weight publishing are on the critical path",
             "FSDP gathers parameters for every forward (rollout steps included) and again in "
             "backward, and reduce-scatters gradients once per forward with grad",
-            "separate rollout ranks hold a whole inference copy; with policy lag 0 rollouts and "
-            "training take turns, with lag > 0 they overlap (step = the slower of the two)"
-            + f" [lag {self.policy_lag}]",
+            "separate rollout ranks hold a whole inference copy, or with rollout TP k (rollout."
+            "tp_size) k consecutive rollout ranks hold one: q/k/v, attention-out and MLP "
+            "projections split k ways (norms, embeddings, adaLN whole), 3 activation all-reduces "
+            "per block and forward (self- and cross-attention out, MLP out) on the rollout side's "
+            "critical path; each copy samples prompts_per_step / copies prompt groups; with policy "
+            "lag 0 rollouts and training take turns, with lag > 0 they overlap (step = the slower "
+            f"of the two) [lag {self.policy_lag}]",
             "ranks are laid out TP innermost, then CP, then the FSDP shard group; a group that "
             "does not fit in one node runs at the inter-node bandwidth",
             "engines: fsdp2 (FSDP/HSDP, CP, checkpointing) and megatron (TP x replicated DP) as "
@@ -228,18 +257,54 @@ def activation_elements(workload: Workload, plan: ParallelPlan) -> dict[str, flo
 
 
 def trajectory_bytes_per_sample(workload: Workload) -> float:
-    """A rollout's fp32 tensors kept for the loss: states (S + 1), transition means (S), initial
-    noise, and the decoded video the rewards scored."""
+    """A rollout's fp32 tensors kept for the loss: the states x_0 (the initial noise) .. x_S, one
+    behaviour log-prob per step, and the decoded video the rewards scored. The transition means are
+    not kept (the sampler records them only when asked; training recomputes them)."""
     steps = workload.sampler_steps
-    return 4.0 * ((2 * steps + 2) * workload.latent_elements + workload.pixel_elements)
+    return 4.0 * ((steps + 1) * workload.latent_elements + steps + workload.pixel_elements)
 
 
 def inference_elements(workload: Workload, plan: ParallelPlan) -> float:
-    """Temporaries of a forward without grad, per sample: the largest block stage (the MLP's hidden
-    activation before and after GELU) and a few token x width tensors around it."""
-    dit = workload.dit
-    local = dit.num_tokens / plan.cp
-    return 2 * local * dit.mlp_hidden / plan.tp + 6 * local * dit.hidden_size
+    """Temporaries of a forward without grad, per sample, at the larger of a block's two stages:
+    the MLP (its hidden activation before and after GELU, split by TP, beside the block input, the
+    modulated input and the output: 3 token x width) and self-attention (block input and modulated
+    input whole beside normed q / k / v, rotated q / k and the attention output, split by TP: 6
+    token x width); plus about two latents of the sampler's and the patch embedding's. Counted
+    from models/dit.py and checked against measured CPU peaks of sampling, whole and 2-way split
+    (tests/test_plan.py)."""
+    dit, tp = workload.dit, plan.tp
+    local, d = dit.num_tokens / plan.cp, dit.hidden_size
+    mlp_stage = 2 * dit.mlp_hidden / tp + 3 * d
+    attention_stage = 6 * d / tp + 2 * d
+    return local * max(mlp_stage, attention_stage) + 2 * workload.latent_elements
+
+
+def rollout_rank_memory(workload: Workload, plan: ParallelPlan) -> dict[str, float]:
+    """Peak bytes on one separate rollout rank of `plan`, by component (empty without rollout ranks).
+
+    The inference copy is in the run's precision (bf16 or fp32) with no gradients or optimizer; a
+    tensor-parallel copy keeps 1 / rollout_tp of the split projections and the rest whole. Every
+    rank of a copy samples the copy's whole batch (activations outside the split layers are whole),
+    so each holds the whole trajectories; the copy's first rank also decodes and scores them.
+    Not modelled: with policy lag > 0 the scoring thread may still hold the previous batch (its
+    trajectories and videos) while the next one is sampled.
+    """
+    if not plan.rollout_ranks:
+        return {}
+    dit, tp = workload.dit, plan.rollout_tp
+    total_params, split_params = parameter_counts(dit)
+    copy_bytes = 2 if workload.dtype == "bf16" else 4
+    samples = workload.samples / plan.rollout_copies
+    out = {
+        "parameters": copy_bytes * (split_params / tp + total_params - split_params),
+        # published tensors arrive whole in buckets of rollout.publish_bucket_mb; rotary angles
+        "buffers": PUBLISH_BUCKET_BYTES + 4 * dit.num_tokens * (dit.hidden_size // dit.num_heads) / 2,
+        "trajectory": samples * trajectory_bytes_per_sample(workload),
+        # the copy's forward is split like a megatron TP group's, without CP
+        "activations": samples * inference_elements(workload, ParallelPlan(tp, tp=tp)) * copy_bytes,
+    }
+    out["total"] = sum(out.values())
+    return out
 
 
 def estimate_memory(workload: Workload, plan: ParallelPlan, on_gpu: bool = True) -> dict[str, float]:
@@ -285,13 +350,8 @@ def estimate_memory(workload: Workload, plan: ParallelPlan, on_gpu: bool = True)
                                      gradients + step_transient)
     out["rollout_peak"] = static + samples * inference_elements(workload, plan) * act_bytes
     out["total"] = max(out["train_peak"], out["rollout_peak"])
-    if plan.rollout_ranks:
-        copy_bytes = 2 if workload.dtype == "bf16" else 4
-        rollout_samples = workload.samples / plan.rollout_ranks
-        out["rollout_rank_total"] = (
-            copy_bytes * total_params + PUBLISH_BUCKET_BYTES + out["buffers"]
-            + rollout_samples * trajectory_bytes_per_sample(workload)
-            + rollout_samples * inference_elements(workload, ParallelPlan(1)) * act_bytes)
+    # a rollout rank's parts, prefixed: "rollout_rank_total" is what must fit on a rollout GPU
+    out.update({f"rollout_rank_{key}": value for key, value in rollout_rank_memory(workload, plan).items()})
     return out
 
 
@@ -306,7 +366,8 @@ def communication(workload: Workload, plan: ParallelPlan, cluster: Cluster) -> d
     Returns {kind: {"bytes": float, "link": "intra"|"inter", "gb_s": link GB/s}}; kinds: fsdp
     (parameter all-gathers, gradient reduce-scatters), replicate (HSDP / megatron data-parallel
     gradient all-reduce), tp (activation all-reduces), cp (Ulysses all-to-alls), publish (weights
-    to the rollout ranks).
+    to the rollout ranks); and rollout_tp: what each rank of a tensor-parallel rollout copy sends
+    in its activation all-reduces (a rollout rank's traffic, not a trainer's).
     """
     dit = workload.dit
     total_params, split_params = parameter_counts(dit)
@@ -357,6 +418,16 @@ def communication(workload: Workload, plan: ParallelPlan, cluster: Cluster) -> d
         # trainer 0 broadcasts the whole model; the sharded trainers gather it tensor by tensor
         add("publish", total_params * copy_bytes + gathered_publish, plan.trainers + 1,
             1 if cluster.nodes == 1 else cluster.gpus_per_node)
+    if plan.rollout_tp > 1 and plan.rollout_copies:
+        # row-parallel self-attention out, cross-attention out and MLP out sum their partial
+        # token x width outputs over the copy: 3 all-reduces per block and forward, in the copy's
+        # precision, for every sampler step of the copy's samples
+        copy_samples = workload.samples / plan.rollout_copies
+        copy_tokens_dim = dit.num_tokens * dit.hidden_size * (2 if bf16 else 4)
+        volume = (workload.sampler_steps * copy_samples * dit.depth * 3 * copy_tokens_dim
+                  * 2 * _ring(plan.rollout_tp))
+        gb_s, link = cluster.rollout_copy_bandwidth(plan)
+        out["rollout_tp"] = {"bytes": volume, "link": link, "gb_s": gb_s}
     return out
 
 
@@ -381,14 +452,32 @@ class PlanResult:
                 **self.times}
 
 
+def rollout_reasons(workload: Workload, plan: ParallelPlan) -> list[str]:
+    """Why the rollout side of `plan` cannot run (the rules config/schema.py and
+    parallel/inference_tp.py enforce for rollout.num_ranks and rollout.tp_size)."""
+    dit, tp, reasons = workload.dit, plan.rollout_tp, []
+    if tp < 1:
+        return [f"rollout TP={tp} must be >= 1"]
+    if tp > 1 and not plan.rollout_ranks:
+        return [f"rollout TP={tp} needs separate rollout ranks (colocated rollouts use the trainers)"]
+    if dit.num_heads % tp or dit.mlp_hidden % tp:
+        reasons.append(f"rollout TP={tp} must divide num_heads={dit.num_heads} and the MLP width "
+                       f"{dit.mlp_hidden}")
+    if plan.rollout_ranks % tp:
+        reasons.append(f"rollout TP={tp} must divide the {plan.rollout_ranks} rollout ranks")
+    elif plan.rollout_ranks and workload.prompts_per_step % plan.rollout_copies:
+        reasons.append(f"algo.prompts_per_step={workload.prompts_per_step} is not a multiple of the "
+                       f"{plan.rollout_copies} rollout copies ({plan.rollout_ranks} rollout ranks / "
+                       f"rollout TP {tp}; each copy samples whole prompt groups)")
+    return reasons
+
+
 def structural_reasons(workload: Workload, plan: ParallelPlan, cluster: Cluster) -> list[str]:
     """Why the framework cannot run `plan` at all (before any memory question)."""
     dit, reasons = workload.dit, []
     if plan.trainers < 1:
         return [f"{plan.rollout_ranks} rollout ranks leave no trainer on {cluster.gpus} GPUs"]
-    if plan.rollout_ranks and workload.prompts_per_step % plan.rollout_ranks:
-        reasons.append(f"algo.prompts_per_step={workload.prompts_per_step} is not a multiple of the "
-                       f"{plan.rollout_ranks} rollout ranks (each samples whole prompt groups)")
+    reasons.extend(rollout_reasons(workload, plan))
     if dit.num_heads % plan.tp or dit.mlp_hidden % plan.tp:
         reasons.append(f"TP={plan.tp} must divide num_heads={dit.num_heads} and the MLP width "
                        f"{dit.mlp_hidden}")
@@ -447,17 +536,28 @@ def step_time(workload: Workload, plan: ParallelPlan, cluster: Cluster, comm: di
     critical = seconds("tp") + seconds("cp")
     overlapped = seconds("fsdp") + seconds("replicate")
     publish = seconds("publish")
+    # a tensor-parallel rollout copy splits the sampling FLOPs over its ranks (so the per-rank
+    # compute above already is rollout FLOPs / rollout ranks) and waits for its all-reduces
+    rollout_comm = seconds("rollout_tp")
+    rollout = rollout_compute + rollout_comm
+    rollout_exposed = 0.0
     if plan.rollout_ranks:
         train = train_compute + critical + max(0.0, overlapped - train_compute)
-        step = (max(rollout_compute, train + publish) if assumptions.policy_lag > 0
-                else rollout_compute + publish + train)
+        if assumptions.policy_lag > 0:
+            step = max(rollout, train + publish)
+            # the all-reduces show only where they make the rollout side the slower one
+            rollout_exposed = min(rollout_comm, max(0.0, rollout - train - publish))
+        else:
+            step = rollout + publish + train
+            rollout_exposed = rollout_comm
         compute = train_compute
     else:
         compute = train_compute + rollout_compute
         step = compute + critical + max(0.0, overlapped - compute)
     return {"step_s": step, "compute_s": compute, "rollout_compute_s": rollout_compute,
-            "comm_s": critical + overlapped + publish,
-            "comm_exposed_s": critical + publish + max(0.0, overlapped - compute),
+            "rollout_s": rollout,
+            "comm_s": critical + overlapped + publish + rollout_comm,
+            "comm_exposed_s": critical + publish + max(0.0, overlapped - compute) + rollout_exposed,
             "mfu": sum(flops.values()) / step / (cluster.gpus * cluster.device.peak_flops[mode]),
             "samples_per_s": workload.samples / step}
 
@@ -467,34 +567,71 @@ def _divisors(number: int) -> list[int]:
 
 
 def enumerate_plans(cluster: Cluster, rollout_ranks: tuple[int, ...] = (0,),
-                    activation_checkpointing: tuple[bool, ...] = (False, True)) -> list[ParallelPlan]:
+                    activation_checkpointing: tuple[bool, ...] = (False, True),
+                    rollout_tp: tuple[int, ...] = (1,)) -> list[ParallelPlan]:
     """The plans the engines can express whose sizes divide the trainer ranks: fsdp2 with any
     FSDP shard group (HSDP below the world), with Ulysses CP over the whole FSDP world, with or
     without checkpointing; megatron TP x data parallel; TP x CP too, which `evaluate_plan`
-    rejects (no engine has both) so that the table says so. Other limits (heads, tokens, batch,
-    memory) are checked by `evaluate_plan`."""
+    rejects (no engine has both) so that the table says so. Each with every rollout TP of
+    `rollout_tp` when there are rollout ranks (colocated rollouts have none). Other limits (heads,
+    tokens, batch, memory) are checked by `evaluate_plan`."""
     plans = []
     for rollout in rollout_ranks:
-        trainers = cluster.gpus - rollout
-        if trainers < 1:
-            plans.append(ParallelPlan(trainers, rollout_ranks=rollout))
-            continue
-        for tp in _divisors(trainers):
-            for cp in _divisors(trainers // tp):
-                if tp > 1:  # megatron: replicated data parallel, no checkpointing
-                    plans.append(ParallelPlan(trainers, tp, cp, 1, False, rollout))
-                    continue
-                shards = [trainers] if cp > 1 else _divisors(trainers)
-                plans.extend(ParallelPlan(trainers, 1, cp, shard, checkpointing, rollout)
-                             for shard in shards for checkpointing in activation_checkpointing)
+        for rtp in rollout_tp if rollout else (1,):
+            trainers = cluster.gpus - rollout
+            if trainers < 1:
+                plans.append(ParallelPlan(trainers, rollout_ranks=rollout, rollout_tp=rtp))
+                continue
+            for tp in _divisors(trainers):
+                for cp in _divisors(trainers // tp):
+                    if tp > 1:  # megatron: replicated data parallel, no checkpointing
+                        plans.append(ParallelPlan(trainers, tp, cp, 1, False, rollout, rtp))
+                        continue
+                    shards = [trainers] if cp > 1 else _divisors(trainers)
+                    plans.extend(ParallelPlan(trainers, 1, cp, shard, checkpointing, rollout, rtp)
+                                 for shard in shards for checkpointing in activation_checkpointing)
     return plans
 
 
+def rollout_side_fits(workload: Workload, plan: ParallelPlan, cluster: Cluster,
+                      assumptions: Assumptions = Assumptions()) -> bool:
+    """Can the rollout ranks of `plan` run it: the rollout rules hold and a rank fits in memory."""
+    if rollout_reasons(workload, plan):
+        return False
+    usable = cluster.device.memory_gb * GB * assumptions.usable_memory_fraction
+    return rollout_rank_memory(workload, plan).get("total", 0.0) <= usable
+
+
+def rollout_tp_candidates(workload: Workload, cluster: Cluster, rollout_ranks: int,
+                          rollout_tp: tuple[int, ...] = (1,),
+                          assumptions: Assumptions = Assumptions()) -> tuple[int, ...]:
+    """The rollout TP sizes to consider with `rollout_ranks` rollout ranks: those asked for, and,
+    when none of them can run (a copy does not fit on a GPU, or there would be more copies than the
+    prompts split into), the smallest one that can. A larger rollout TP than needed only adds
+    all-reduces (every rollout rank computes its 1 / rollout ranks of the FLOPs either way)."""
+    if not rollout_ranks:
+        return (1,)
+
+    def runs(tp: int) -> bool:
+        return rollout_side_fits(workload, ParallelPlan(cluster.gpus - rollout_ranks,
+                                                        rollout_ranks=rollout_ranks, rollout_tp=tp),
+                                 cluster, assumptions)
+    if any(runs(tp) for tp in rollout_tp):
+        return tuple(rollout_tp)
+    smallest = next((tp for tp in _divisors(rollout_ranks) if runs(tp)), None)
+    return tuple(rollout_tp) if smallest is None else (*rollout_tp, smallest)
+
+
 def rank_plans(workload: Workload, cluster: Cluster, assumptions: Assumptions = Assumptions(),
-               rollout_ranks: tuple[int, ...] = (0,)) -> tuple[list[PlanResult], list[PlanResult]]:
-    """(feasible plans fastest first, then by memory; rejected plans with their reasons)."""
-    results = [evaluate_plan(workload, plan, cluster, assumptions)
-               for plan in enumerate_plans(cluster, rollout_ranks)]
+               rollout_ranks: tuple[int, ...] = (0,),
+               rollout_tp: tuple[int, ...] = (1,)) -> tuple[list[PlanResult], list[PlanResult]]:
+    """(feasible plans fastest first, then by memory; rejected plans with their reasons).
+    rollout_tp: the rollout TP sizes to consider with each rollout rank count; the smallest one
+    that runs is added where none of these does (see `rollout_tp_candidates`)."""
+    plans = [plan for rollout in rollout_ranks
+             for plan in enumerate_plans(cluster, (rollout,), rollout_tp=rollout_tp_candidates(
+                 workload, cluster, rollout, rollout_tp, assumptions))]
+    results = [evaluate_plan(workload, plan, cluster, assumptions) for plan in plans]
     feasible = sorted((r for r in results if r.feasible),
                       key=lambda r: (round(r.times["step_s"], 9), r.memory["total"]))
     return feasible, [r for r in results if not r.feasible]

@@ -80,8 +80,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     cluster.add_argument("--intra-node-gbs", type=float, help="override GB/s per GPU inside a node")
     cluster.add_argument("--inter-node-gbs", type=float, help="override GB/s per GPU between nodes")
     model_assumptions = parser.add_argument_group("model assumptions")
-    model_assumptions.add_argument("--rollout-ranks", type=int, nargs="+", default=[0],
-                                   help="separate rollout ranks to consider (0 = colocated)")
+    model_assumptions.add_argument("--rollout-ranks", type=int, nargs="+", default=None,
+                                   help="separate rollout ranks to consider (0 = colocated; default: "
+                                        "rollout.num_ranks when rollout.mode=disaggregated, else 0)")
+    model_assumptions.add_argument("--rollout-tp", type=int, nargs="+", default=None,
+                                   help="rollout ranks per tensor-parallel inference copy to consider "
+                                        "(default: rollout.tp_size, 1 unless the config sets it); the "
+                                        "smallest one that runs is added where none of these does")
     model_assumptions.add_argument("--policy-lag", type=int, default=None,
                                    help="rollout.max_policy_lag (default: the config's)")
     model_assumptions.add_argument("--efficiency", type=float, default=Assumptions.compute_efficiency,
@@ -173,13 +178,13 @@ def report(workload: Workload, cluster: Cluster, assumptions: Assumptions,
         f"{workload.dtype}, {sum(workload.flops.values()) / 1e15:.3f} PFLOP",
         f"cluster: {cluster.nodes} node(s) x {cluster.gpus_per_node} {cluster.device.name}",
         "",
-        f"{'#':>3}  {'plan':<24} {'engine':<9} {'mem/GPU GB':>10} {'comm GB/step':>12} "
+        f"{'#':>3}  {'plan':<32} {'engine':<9} {'mem/GPU GB':>10} {'comm GB/step':>12} "
         f"{'step s':>9} {'MFU':>6} {'samples/s':>10}",
     ]
     for index, result in enumerate(feasible[:top], start=1):
         comm = sum(entry["bytes"] for entry in result.comm.values()) / GB
         memory = max(result.memory["total"], result.memory.get("rollout_rank_total", 0.0)) / GB
-        lines.append(f"{index:>3}  {result.plan.describe():<24} {result.plan.engine:<9} "
+        lines.append(f"{index:>3}  {result.plan.describe():<32} {result.plan.engine:<9} "
                      f"{memory:>10.2f} {comm:>12.2f} {result.times['step_s']:>9.3g} "
                      f"{result.times['mfu']:>6.1%} {result.times['samples_per_s']:>10.3g}")
     if not feasible:
@@ -194,6 +199,11 @@ def report(workload: Workload, cluster: Cluster, assumptions: Assumptions,
         parts = ", ".join(f"{key} {value / GB:.3g}" for key, value in best.memory.items()
                           if key in MEMORY_PARTS and value > 0)
         lines.append(f"  #1 memory per GPU (GB): {parts}")
+        if best.plan.rollout_ranks:
+            prefix = "rollout_rank_"
+            parts = ", ".join(f"{key[len(prefix):]} {value / GB:.3g}" for key, value in best.memory.items()
+                              if key.startswith(prefix) and key != f"{prefix}total" and value > 0)
+            lines.append(f"  #1 memory per rollout GPU (GB, rollout TP {best.plan.rollout_tp}): {parts}")
         lines.append("  #1 traffic per GPU and step (GB): " + (", ".join(
             f"{kind} {entry['bytes'] / GB:.3g} ({entry['link']}-node)"
             for kind, entry in best.comm.items()) or "none"))
@@ -207,7 +217,7 @@ def report(workload: Workload, cluster: Cluster, assumptions: Assumptions,
     lines.extend(f"  {count:>5} x {reason}" for reason, count in sorted(counts.items(),
                                                                        key=lambda kv: -kv[1]))
     if show_rejected:
-        lines.extend(f"  {result.plan.describe():<24} {'; '.join(result.reasons)}"
+        lines.extend(f"  {result.plan.describe():<32} {'; '.join(result.reasons)}"
                      for result in rejected)
     lines.append("")
     lines.append("assumptions:")
@@ -225,10 +235,16 @@ def cmd_plan(args: argparse.Namespace) -> None:
     for value, flag in ((args.efficiency, "--efficiency"), (args.comm_efficiency, "--comm-efficiency")):
         if not 0 < value <= 1:
             raise ConfigError(f"{flag}: expected a fraction in (0, 1], got {value}")
-    if min(args.rollout_ranks) < 0 or lag < 0 or args.top < 0:
+    rollout = config.rollout
+    rollout_ranks = args.rollout_ranks or [rollout.num_ranks if rollout.mode == "disaggregated" else 0]
+    rollout_tp = args.rollout_tp or [rollout.tp_size]
+    if min(rollout_ranks) < 0 or lag < 0 or args.top < 0:
         raise ConfigError("--rollout-ranks, --policy-lag and --top: expected values >= 0")
+    if min(rollout_tp) < 1:
+        raise ConfigError(f"--rollout-tp: expected values >= 1, got {min(rollout_tp)}")
     assumptions = Assumptions(args.efficiency, args.comm_efficiency, policy_lag=lag)
-    feasible, rejected = rank_plans(workload, cluster, assumptions, tuple(args.rollout_ranks))
+    feasible, rejected = rank_plans(workload, cluster, assumptions, tuple(rollout_ranks),
+                                    tuple(dict.fromkeys(rollout_tp)))
     if args.json:
         print(json.dumps({
             "workload": {"dit": workload.dit.to_dict(), "parameters": parameter_counts(workload.dit)[0],
