@@ -15,16 +15,9 @@ import torch
 
 from ddrl_scale.data import latent_shards as fmt
 from ddrl_scale.data.anchor import AnchorLoader
-from ddrl_scale.data.sharded import (
-    ShardedAnchorLoader,
-    _Item,
-    build_loader,
-    epoch_shard_order,
-    gather_state,
-    pack_items,
-    reader_segments,
-    unpack_items,
-)
+from ddrl_scale.data.sharded import ShardedAnchorLoader, build_loader, gather_state
+from ddrl_scale.data.sharded_split import _Item, epoch_shard_order, reader_segments
+from ddrl_scale.data.sharded_workers import pack_items, unpack_items
 from ddrl_scale.data.shards import write_demo_shards
 from ddrl_scale.models.vae import PixelVAE
 
