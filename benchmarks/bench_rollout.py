@@ -7,9 +7,10 @@ time with colocated against disaggregated rollouts.
   the bare forward passes it needs (the same batch, the same number of calls);
 * publish: one trainer and one rollout rank (torchrun, gloo on CPU, NCCL on GPUs) publish the
   weights of DiTs of growing size; seconds, bytes and GB/s per publish;
-* e2e: the demo config trained for --steps steps (after --warmup) colocated in one process, and
-  disaggregated with one trainer and one rollout rank at max_policy_lag 0 and 1; mean step time,
-  its phases (`time_<phase>` of the metrics) and samples/s.
+* e2e: the demo config trained for --steps steps (after --warmup) colocated in one process,
+  disaggregated with one trainer and one rollout rank at max_policy_lag 0 and 1, and with one
+  trainer and a 2-rank tensor-parallel rollout copy at lag 0; mean step time, its phases
+  (`time_<phase>` of the metrics) and samples/s.
 
 --quick: the tiny DiT of benchmarks/common.py for the sampler and e2e, the two smallest publish sizes,
 1 warm-up and 2 timed steps, 1 repeat (seconds per part).
@@ -46,6 +47,9 @@ E2E = {  # name -> (ranks, overrides)
     "colocated": (1, []),
     "disaggregated-lag0": (2, ["rollout.mode=disaggregated"]),
     "disaggregated-lag1": (2, ["rollout.mode=disaggregated", "rollout.max_policy_lag=1"]),
+    # one trainer and one tensor-parallel rollout copy over 2 ranks (rollout.tp_size=2)
+    "disaggregated-tp2-lag0": (3, ["rollout.mode=disaggregated", "rollout.num_ranks=2",
+                                   "rollout.tp_size=2"]),
 }
 
 
@@ -199,7 +203,8 @@ def report(result: dict) -> str:
                          f"{r['rollout_idle_fraction']:.1%} | {r['policy_lag']:.2f} |")
         lines += ["", "Colocated: one process with all cores samples and trains in turn. "
                   "Disaggregated: the cores are split between a trainer and a rollout rank; at lag 0 "
-                  "they take turns, at lag 1 sampling of the next step overlaps training. "
+                  "they take turns, at lag 1 sampling of the next step overlaps training; tp2: the "
+                  "rollout copy is split over 2 ranks (rollout.tp_size=2). "
                   "`time_rollout` of the colocated run is the sampling itself; of a disaggregated "
                   "run, the trainer's wait for trajectories.", ""]
     return "\n".join(lines)
