@@ -84,6 +84,9 @@ def test_roles_are_placed_by_node():
         "launch.reward_nodes=1", "launch.reward_args=--reward pkg.mod:Aesthetic --max-batch 8"])
     placed = place_roles(config)
     assert (placed.rollout.mode, placed.rollout.num_ranks) == ("disaggregated", 2)
+    # a tensor-parallel rollout copy over a node's 2 ranks
+    config.rollout.tp_size = 2
+    assert place_roles(config).rollout.tp_size == 2
     script = render(placed, "/runs/x/launch/config.yaml")
     assert "export TRAIN_NODES=3" in script and '--nnodes "$TRAIN_NODES"' in script
     assert ('if [ "$SLURM_NODEID" -ge 2 ]; then export DDRL_ROLE=rollout; else export '
@@ -105,6 +108,8 @@ def test_roles_are_placed_by_node():
       "launch.rollout_nodes=1"], "launch.rollout_nodes"),
     (["launch.nodes=3", "launch.nproc_per_node=2", "launch.rollout_nodes=1",
       "rollout.mode=disaggregated", "rollout.num_ranks=3", "algo.prompts_per_step=6"], "rollout.num_ranks"),
+    (["launch.nodes=2", "launch.nproc_per_node=3", "launch.rollout_nodes=1", "rollout.tp_size=2"],
+     "rollout.tp_size"),
 ])
 def test_impossible_role_placement_names_the_key(overrides, key):
     from ddrl_scale.launch.slurm import place_roles

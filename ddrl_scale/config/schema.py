@@ -306,8 +306,9 @@ class RolloutSection:
         _check(self.mode in ("colocated", "disaggregated"), "rollout.mode", "colocated|disaggregated",
                self.mode)
         _check(self.num_ranks >= 1, "rollout.num_ranks", ">= 1", self.num_ranks)
-        _check(self.tp_size >= 1 and self.num_ranks % self.tp_size == 0, "rollout.tp_size",
-               f">= 1 and a divisor of rollout.num_ranks={self.num_ranks}", self.tp_size)
+        # colocated: num_ranks is unused (launch.rollout_nodes sets it when it places the roles)
+        _check(self.tp_size >= 1 and (self.mode == "colocated" or self.num_ranks % self.tp_size == 0),
+               "rollout.tp_size", f">= 1 and a divisor of rollout.num_ranks={self.num_ranks}", self.tp_size)
         _check(self.max_policy_lag >= 0, "rollout.max_policy_lag", ">= 0", self.max_policy_lag)
         _check(self.mode == "disaggregated" or self.max_policy_lag == 0, "rollout.max_policy_lag",
                "0 when rollout.mode=colocated (colocated rollouts are always on-policy)",

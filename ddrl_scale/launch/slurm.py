@@ -79,6 +79,12 @@ def place_roles(config: RunConfig) -> RunConfig:
             raise ConfigError(f"config key 'rollout.num_ranks': {config.rollout.num_ranks}, but "
                               f"launch.rollout_nodes={launch.rollout_nodes} x nproc_per_node="
                               f"{launch.nproc_per_node} places {wanted} rollout ranks")
+        if launch.nproc_per_node % config.rollout.tp_size:
+            # a node's ranks are consecutive job ranks: a copy that divides them never straddles
+            # two nodes, whose link is far slower than the node's own for its all-reduces
+            raise ConfigError(f"config key 'rollout.tp_size': {config.rollout.tp_size} must divide "
+                              f"launch.nproc_per_node={launch.nproc_per_node}, so that each "
+                              f"tensor-parallel rollout copy stays within one node")
         config.rollout.mode, config.rollout.num_ranks = "disaggregated", wanted
         config = type(config)(**{f: getattr(config, f) for f in config.__dataclass_fields__})
     return config
