@@ -140,20 +140,27 @@ def test_chain_runs_dependent_jobs_that_continue_the_run(cluster, shards, tmp_pa
     assert re.search(r"resumed from \S+step_000002 at step 2", second), second[-3000:]
 
 
-def test_rollout_node_serves_the_trainer_node(cluster, shards, tmp_path):
-    """launch.rollout_nodes=1: node n2 runs the rollout rank, n1 the trainer; the run finishes with
+@pytest.mark.parametrize("copy", [
+    pytest.param([], id="whole-copy"),
+    # 2 fsdp2 trainers on n1, a tensor-parallel rollout copy over n2's 2 ranks
+    pytest.param(["launch.nproc_per_node=2", "rollout.tp_size=2"], id="tp2-copy"),
+])
+def test_rollout_node_serves_the_trainer_node(cluster, shards, tmp_path, copy):
+    """launch.rollout_nodes=1: node n2 runs the rollout ranks, n1 the trainers; the run finishes with
     checksum-verified publishes."""
     run_dir = tmp_path / "run"
     done, job = _launch(run_dir, f"data.generated_dir={shards}", "train.steps=3",
-                        "launch.rollout_nodes=1", "rollout.verify_publish=true")
+                        "launch.rollout_nodes=1", "rollout.verify_publish=true", *copy)
     assert job, done.stdout + done.stderr
     info = _wait(job)
     assert info["JobState"] == "COMPLETED", _logs(run_dir)
     assert _steps(run_dir) == [1, 2, 3]
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert all(r["publish_checksum_ok"] == 1.0 and r["policy_lag"] == 0 for r in records)
-    worker = json.loads((run_dir / "rollout" / "worker0.json").read_text())
-    assert worker["slurm_node"] == "n2" and worker["state"] == "stopped", worker
+    for index in range(2 if copy else 1):
+        worker = json.loads((run_dir / "rollout" / f"worker{index}.json").read_text())
+        assert worker["slurm_node"] == "n2" and worker["state"] == "stopped", worker
+        assert worker["tp_size"] == (2 if copy else 1), worker
 
 
 def test_reward_node_hosts_the_reward_service(cluster, shards, tmp_path):
