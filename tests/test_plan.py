@@ -28,11 +28,10 @@ from ddrl_scale.telemetry.plan import (
     evaluate_plan,
     parameter_counts,
     rank_plans,
-    rollout_rank_memory,
-    rollout_tp_candidates,
     trajectory_bytes_per_sample,
 )
 from ddrl_scale.telemetry.plan_cli import latent_size, main
+from ddrl_scale.telemetry.plan_rollout import rollout_rank_memory, rollout_tp_candidates
 
 ROOT = Path(__file__).resolve().parents[1]
 H100 = DEVICES["h100-sxm"]
