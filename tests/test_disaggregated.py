@@ -244,7 +244,10 @@ def test_a_hung_or_dead_rollout_rank_stops_the_run_with_an_error_naming_it(base:
                     pass
     output = _output(log, 10**6)
     assert status != 0, output[-4000:]
-    assert "job rank 1" in output and "rollout.timeout_s" in output, output[-4000:]
+    # the error names the rank; a hung one is given up on after rollout.timeout_s (a dead one's
+    # connection breaks at once, on a send or a receive, whichever comes first)
+    assert "job rank 1" in output, output[-4000:]
+    assert fault == "dies" or "rollout.timeout_s" in output, output[-4000:]
     assert elapsed < 60, f"{elapsed:.0f} s"
     print(f"trainer stopped {elapsed:.1f} s after the rollout rank {fault} (timeout 8 s)")
     saved = complete_checkpoints(run_dir)
@@ -278,6 +281,44 @@ def test_no_trainer_rank_left_is_a_clear_error(monkeypatch: pytest.MonkeyPatch):
     config = load_config(None, ["rollout.mode=disaggregated", "rollout.num_ranks=2"])
     with pytest.raises(ConfigError, match="leave no trainer rank in a job of 2 ranks"):
         init_roles(config)
+
+
+def _send_to_a_dead_peer(rank: int, store_file: str, out_file: str) -> None:
+    import datetime
+
+    import torch.distributed as dist
+
+    from ddrl_scale.rollout.transport import Channel, PeerError
+
+    store = dist.FileStore(store_file, 2)
+    group = dist.ProcessGroupGloo(store, rank, 2, datetime.timedelta(seconds=20))
+    if rank == 1:
+        group.barrier().wait()
+        os._exit(0)  # dies without a word, as a killed rank does
+    group.barrier().wait()
+    channel, message = Channel(group, 0, timeout_s=10), "no error"
+    try:
+        for _ in range(2000):  # the broken connection shows on a send, or on the flush after
+            channel.send(1, {"op": "generate"}, {"x": torch.zeros(4096)})
+            time.sleep(0.005)
+        channel.flush()
+    except PeerError as error:
+        message = str(error)
+    Path(out_file).write_text(message)
+
+
+def test_sending_to_a_dead_rank_is_an_error_naming_it(tmp_path: Path):
+    """A send to a rank whose process is gone fails with PeerError naming the job rank, not gloo's
+    bare connection error (the trainer's orders and the scoring thread's trajectories use it)."""
+    import torch.multiprocessing as mp
+
+    out = tmp_path / "message.txt"
+    context = mp.spawn(_send_to_a_dead_peer, args=(str(tmp_path / "store"), str(out)), nprocs=2, join=False)
+    deadline = time.monotonic() + 120
+    while not context.join(5):  # join returns as each process ends; wait for both
+        assert time.monotonic() < deadline, "the sender neither finished nor failed"
+    message = out.read_text()
+    assert "job rank 1" in message or "receiving rank" in message, message
 
 
 def test_message_packing_round_trips_every_dtype():

@@ -60,7 +60,11 @@ class Channel:
         with self._lock:
             for buffer in (sizes, data, payload):
                 if buffer.numel():
-                    self._pending.append((self.group.send([buffer], dst, _TAG), buffer))
+                    try:
+                        self._pending.append((self.group.send([buffer], dst, _TAG), buffer))
+                    except RuntimeError as error:  # the peer's connection is already gone
+                        raise PeerError(f"rank {self.rank}: could not send to job rank {dst}: its "
+                                        f"connection broke, the rank died: {error}") from error
             self._reap()
 
     def _reap(self) -> None:
@@ -95,5 +99,10 @@ class Channel:
         """Wait until every send was delivered."""
         with self._lock:
             pending, self._pending = self._pending, []
+        timeout_s = self.timeout_s if timeout_s is None else timeout_s
         for work, _ in pending:
-            work.wait(datetime.timedelta(seconds=self.timeout_s if timeout_s is None else timeout_s))
+            try:
+                work.wait(datetime.timedelta(seconds=timeout_s))
+            except RuntimeError as error:
+                raise PeerError(f"rank {self.rank}: a message was not delivered within {timeout_s:.0f} s, "
+                                f"or a receiving rank's connection broke: {error}") from error
