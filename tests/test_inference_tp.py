@@ -14,7 +14,12 @@ import torch.multiprocessing as mp
 
 from ddrl_scale.config import ConfigError
 from ddrl_scale.models.dit import DiTConfig, VideoDiT
-from ddrl_scale.parallel.inference_tp import full_parameters, load_full, shard_inference_copy
+from ddrl_scale.parallel.inference_tp import (
+    full_parameters,
+    load_full,
+    local_parameter_count,
+    shard_inference_copy,
+)
 from ddrl_scale.rollout.publish import weights_checksum
 
 CONFIG = DiTConfig(hidden_size=64, depth=2, num_heads=4, num_frames=4, height=8, width=8,
@@ -49,7 +54,7 @@ def _rank(rank: int, size: int, store_file: str, out_dir: str) -> None:
         with torch.no_grad():
             velocity = model(*_inputs())
         gathered = {name: tensor.detach().clone() for name, tensor in full_parameters(model)}
-        local = sum(getattr(p, "_local_tensor", p).numel() for p in model.parameters())
+        local = local_parameter_count(model)
         torch.save({"velocity": velocity, "gathered": gathered, "local": local,
                     "checksum": weights_checksum(gathered.items())}, Path(out_dir) / f"rank{rank}.pt")
     finally:

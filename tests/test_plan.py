@@ -16,6 +16,7 @@ import torch.multiprocessing as mp
 
 from ddrl_scale.config import load_config
 from ddrl_scale.models.dit import DiTConfig, VideoDiT
+from ddrl_scale.parallel.inference_tp import local_parameter_count
 from ddrl_scale.telemetry.devices import DEVICES
 from ddrl_scale.telemetry.memory import live_cpu_tensor_bytes, measure_cpu_peak_memory
 from ddrl_scale.telemetry.plan import (
@@ -180,7 +181,7 @@ def _rollout_rank_peak(rank: int, size: int, store_file: str, out_dir: str) -> N
 
     sample()
     _, peak = measure_cpu_peak_memory(sample)
-    local = sum(getattr(p, "_local_tensor", p).numel() for p in model.parameters())
+    local = local_parameter_count(model)
     Path(out_dir, f"rollout{rank}.json").write_text(json.dumps(
         {"local_parameters": local, "increase": peak.peak_increase_bytes,
          "lower": peak.peak_increase_bytes - peak.unseen_free_bytes}))

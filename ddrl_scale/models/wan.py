@@ -23,9 +23,11 @@ The test `tests/test_wan_adapter.py` checks this mapping against diffusers' own 
 
 from __future__ import annotations
 
+import html
 import json
 import logging
 import math
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -311,9 +313,6 @@ class WanTextEncoder:
         """The Wan pipeline's prompt cleaning: HTML entities unescaped (twice, for doubly escaped
         captions), whitespace runs collapsed to one space, ends stripped. The pipeline also runs ftfy
         when that package is installed; it is not a dependency here, so mojibake is left as it is."""
-        import html
-        import re
-
         return re.sub(r"\s+", " ", html.unescape(html.unescape(prompt)).strip()).strip()
 
     @torch.no_grad()

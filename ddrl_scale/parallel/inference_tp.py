@@ -56,6 +56,11 @@ def load_full(param: torch.Tensor, value: torch.Tensor) -> None:
     param.copy_(value)
 
 
+def local_parameter_count(model: nn.Module) -> int:
+    """Elements of the parameters this rank holds: its shards of the split ones, the others whole."""
+    return sum((p.to_local() if isinstance(p, DTensor) else p).numel() for p in model.parameters())
+
+
 def full_parameters(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
     """(name, whole tensor) of every parameter; a DTensor's shards are gathered over its mesh (every
     rank of the mesh must call, in the same order)."""

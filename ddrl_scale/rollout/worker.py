@@ -32,7 +32,7 @@ from ddrl_scale.algo.schedules import sigma_schedule
 from ddrl_scale.config import RunConfig
 from ddrl_scale.models import build_model, build_text_encoder, build_vae
 from ddrl_scale.parallel.distributed import World
-from ddrl_scale.parallel.inference_tp import full_parameters, shard_inference_copy
+from ddrl_scale.parallel.inference_tp import full_parameters, local_parameter_count, shard_inference_copy
 from ddrl_scale.parallel.roles import Roles
 from ddrl_scale.rewards import WeightedRewards
 from ddrl_scale.rollout.colocated import sample_rollouts, score_rollouts
@@ -41,10 +41,6 @@ from ddrl_scale.rollout.transport import Channel
 from ddrl_scale.runtime import autocast
 
 logger = logging.getLogger(__name__)
-
-
-def _given_text(text: torch.Tensor, prompts: list[str]) -> torch.Tensor:
-    return text
 
 
 class RolloutWorker:
@@ -61,9 +57,12 @@ class RolloutWorker:
                                     mesh_dim_names=("copy", "tp"))
             shard_inference_copy(self.model, mesh["tp"])
         # this rank's share of the copy: what an operator checks against the GPU's memory
-        self.local_parameters = sum(getattr(p, "_local_tensor", p).numel() for p in self.model.parameters())
-        self.text_encoder, self.vae = build_text_encoder(config, self.device), build_vae(config, self.device)
-        self.rewards = WeightedRewards([(r.name, r.weight, dict(r.args)) for r in config.rewards])
+        self.local_parameters = local_parameter_count(self.model)
+        self.text_encoder = build_text_encoder(config, self.device)
+        # only the copy's first rank decodes and scores: the others need no VAE and no reward models
+        self.vae = build_vae(config, self.device) if self.leader else None
+        self.rewards = (WeightedRewards([(r.name, r.weight, dict(r.args)) for r in config.rewards])
+                        if self.leader else None)
         self.sigmas = sigma_schedule(config.sampler.num_steps, config.sampler.shift)
         # the trainers' log-prob kernel: the behaviour log-probs must be computed as training does
         self.log_prob_fn = functools.partial(
@@ -99,14 +98,13 @@ class RolloutWorker:
         """Sample on this thread (it needs the weights), then score and send on the scoring thread,
         so decoding and rewards (a remote reward service too) overlap the next batch's sampling."""
         config, step, start = self.config, order["step"], time.perf_counter()
-        encode = self.encode_text
-        if "text" in tensors:  # the anchor shards' caption embeddings, one per prompt
+        given = None  # the anchor shards' caption embeddings (one per prompt), when the order has them
+        if "text" in tensors:
             given = tensors["text"].to(self.device).repeat_interleave(config.algo.group_size, dim=0)
-            encode = functools.partial(_given_text, given)
         expanded, text, trajectory = sample_rollouts(
-            self.velocity, encode, order["prompts"], self.latent_shape, self.sigmas,
-            config.sampler, config.algo, config.run.seed, step, order["first_prompt_index"], self.device,
-            self.log_prob_fn)
+            self.velocity, self.encode_text if given is None else (lambda _: given), order["prompts"],
+            self.latent_shape, self.sigmas, config.sampler, config.algo, config.run.seed, step,
+            order["first_prompt_index"], self.device, self.log_prob_fn)
         self.times["generate"] += time.perf_counter() - start
         if not self.leader:
             return  # the copy's first rank holds the same samples: it scores and sends them
