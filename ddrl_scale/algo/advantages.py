@@ -18,12 +18,15 @@ def group_advantages(
     exp_transform: bool = False,
     clamp: float = 5.0,
     eps: float = 1e-4,
+    unbiased_std: bool = False,
 ) -> torch.Tensor:
     """Advantages (N,) from several rewards {name: (N,)} with weights {name: w}.
 
     Each reward is normalised within its group, A_k = (r - mean_group) / (std_group + eps) with the
-    population std, then A = sum_k w_k A_k / sum_k |w_k|; optionally A <- -exp(-A); clamped to
-    [-clamp, clamp] (clamp 0 turns clamping off).
+    population std (Flow-GRPO; algo.preset=paper) or, unbiased_std, the (G - 1) std of torch.std
+    (cosmos-rl t2v_model.py `_sync_rewards_across_rollouts`; algo.preset=release), then
+    A = sum_k w_k A_k / sum_k |w_k|; optionally A <- -exp(-A); clamped to [-clamp, clamp]
+    (clamp 0 turns clamping off).
     """
     if not rewards:
         raise ValueError("group_advantages needs at least one reward")
@@ -37,7 +40,7 @@ def group_advantages(
                              f"{group_size}, got shape {tuple(values.shape)}")
         grouped = values.float().reshape(-1, group_size)
         normalised = (grouped - grouped.mean(dim=1, keepdim=True)) / (
-            grouped.std(dim=1, unbiased=False, keepdim=True) + eps)
+            grouped.std(dim=1, unbiased=unbiased_std, keepdim=True) + eps)
         term = weights[name] * normalised.reshape(-1)
         advantage = term if advantage is None else advantage + term
     advantage = advantage / total_weight

@@ -151,6 +151,9 @@ class AlgoSection:
     """DDRL loss; Flow-GRPO is data_beta=0, kl_beta>0; SFT is policy_weight=0."""
 
     name: str = "ddrl"  # registered loss function
+    # paper (Flow-GRPO's quantities) | release (the authors' cosmos-rl code): the advantages' group
+    # std, the policy log-ratio, the data term's weight, noise and samples, the KL scale (README)
+    preset: str = "paper"
     group_size: int = 4  # G samples per prompt
     prompts_per_step: int = 4
     train_timestep_stride: int = 2  # train on every k-th sampling step (release: 2)
@@ -169,6 +172,9 @@ class AlgoSection:
     data_on_first_only: bool = False
 
     def __post_init__(self) -> None:
+        _check(self.preset in ("paper", "release"), "algo.preset", "paper|release", self.preset)
+        if self.preset == "release":  # the release's data term always reuses the rollout noise
+            self.data_reuse_rollout_noise = True
         _check(self.group_size >= 2, "algo.group_size", ">= 2 (advantages are group-normalised)",
                self.group_size)
         _check(self.prompts_per_step >= 1, "algo.prompts_per_step", ">= 1", self.prompts_per_step)

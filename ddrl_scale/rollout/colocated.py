@@ -83,7 +83,7 @@ def score_rollouts(decode: Callable[[torch.Tensor], torch.Tensor], rewards: Weig
     videos = decode(trajectory.final)
     scores = rewards(videos, expanded)
     advantages = group_advantages(scores, rewards.weights, algo.group_size, algo.exp_reward,
-                                  algo.advantage_clamp)
+                                  algo.advantage_clamp, unbiased_std=algo.preset == "release")
     return RolloutBatch(expanded, text, trajectory, videos, scores, rewards.total(scores),
                         advantages, policy_version)
 

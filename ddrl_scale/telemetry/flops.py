@@ -11,6 +11,7 @@ import time
 
 import torch
 
+from ddrl_scale.algo.steps import step_plan
 from ddrl_scale.config.schema import RunConfig
 from ddrl_scale.models import dit_config_from, flops_per_sample
 
@@ -22,13 +23,13 @@ def ddrl_iteration_flops(config: RunConfig, model_config=None) -> dict[str, floa
     forward = flops_per_sample(model_config or dit_config_from(config), training=False)
     settings, steps = config.algo, config.sampler.num_steps
     samples = settings.prompts_per_step * settings.group_size
-    trained = len(range(settings.train_timestep_offset, steps, settings.train_timestep_stride))
-    data_terms = 0 if settings.data_beta == 0 else (1 if settings.data_on_first_only else trained)
+    plan = step_plan(settings, steps)
+    trained = len(plan.steps)
     reference = trained * samples * forward if settings.kl_beta > 0 else 0.0
     return {
         "rollout": samples * steps * forward,
         "policy": trained * samples * 3.0 * forward + reference,
-        "data": data_terms * settings.prompts_per_step * 3.0 * forward,
+        "data": plan.data_forwards * plan.data_samples * 3.0 * forward,
     }
 
 

@@ -28,7 +28,8 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, field
 
-from ddrl_scale.config import ConfigError, RunConfig
+from ddrl_scale.algo.steps import step_plan
+from ddrl_scale.config import RunConfig
 from ddrl_scale.models import dit_config_from
 from ddrl_scale.models.dit import DiTConfig
 from ddrl_scale.telemetry.devices import DeviceSpec
@@ -50,6 +51,7 @@ class Workload:
     sampler_steps: int
     trained_steps: int  # denoising steps trained per iteration (backward passes)
     data_forwards: int  # data-term forwards per iteration (0, 1 or trained_steps)
+    data_samples: int  # global samples of one data-term forward (algo.steps.step_plan)
     kl_reference: bool  # Flow-GRPO's reverse KL keeps a frozen reference copy
     ema: bool
     dtype: str  # fp32 | bf16
@@ -60,15 +62,14 @@ class Workload:
     def from_config(cls, config: RunConfig, pixel_shape: tuple[int, ...] | None = None) -> Workload:
         """pixel_shape: a decoded video's (C, T, H, W); None = the latent shape (the pixel VAE)."""
         algo, steps = config.algo, config.sampler.num_steps
-        trained = len(range(algo.train_timestep_offset, steps, algo.train_timestep_stride))
-        if trained == 0:
-            raise ConfigError("algo.train_timestep_offset leaves no sampling step to train on")
-        data = 0 if algo.data_beta == 0 else (1 if algo.data_on_first_only else trained)
+        step_rule = step_plan(algo, steps)
         video = config.video
         pixels = pixel_shape or (3, video.num_frames, video.height, video.width)
         return cls(dit=dit_config_from(config), prompts_per_step=algo.prompts_per_step,
-                   group_size=algo.group_size, sampler_steps=steps, trained_steps=trained,
-                   data_forwards=data, kl_reference=algo.kl_beta > 0, ema=config.optim.ema_decay > 0,
+                   group_size=algo.group_size, sampler_steps=steps,
+                   trained_steps=len(step_rule.steps), data_forwards=step_rule.data_forwards,
+                   data_samples=step_rule.data_samples, kl_reference=algo.kl_beta > 0,
+                   ema=config.optim.ema_decay > 0,
                    dtype=config.run.dtype, pixel_elements=math.prod(pixels),
                    flops=ddrl_iteration_flops(config))
 
@@ -303,7 +304,7 @@ def estimate_memory(workload: Workload, plan: ParallelPlan, on_gpu: bool = True)
     out["fsdp_gathered"] = 0.0 if shard == 1 else (
         (root_params + 2 * block_params) * gather_bytes + 4 * block_params)
     samples = workload.samples / plan.data_parallel  # this rank's rollout samples
-    data_samples = workload.prompts_per_step / plan.data_parallel if workload.data_forwards else 0
+    data_samples = workload.data_samples / plan.data_parallel if workload.data_forwards else 0
     out["trajectory"] = samples * trajectory_bytes_per_sample(workload)
     elements = activation_elements(workload, plan)
     batch = samples + data_samples
@@ -346,7 +347,7 @@ def communication(workload: Workload, plan: ParallelPlan, cluster: Cluster) -> d
     bf16 = workload.dtype == "bf16"
     act_bytes, gather_bytes = (2, 2) if bf16 else (4, 4)
     samples = workload.samples / plan.data_parallel
-    data_samples = workload.prompts_per_step / plan.data_parallel if workload.data_forwards else 0
+    data_samples = workload.data_samples / plan.data_parallel if workload.data_forwards else 0
     grad_forwards = workload.trained_steps + workload.data_forwards
     rollout_forwards = 0 if plan.rollout_ranks else workload.sampler_steps
     out: dict[str, dict] = {}

@@ -20,9 +20,10 @@ import torch
 from tqdm import tqdm
 
 from ddrl_scale import algo, kernels
-from ddrl_scale.algo.losses import reverse_kl
+from ddrl_scale.algo.losses import data_loss_weight, kl_penalty, policy_log_ratio
 from ddrl_scale.algo.noise import data_term_draws
 from ddrl_scale.algo.schedules import add_noise, sigma_schedule
+from ddrl_scale.algo.steps import step_plan
 from ddrl_scale.config import ConfigError, RunConfig, save_config
 from ddrl_scale.data.anchor import AnchorBatch
 from ddrl_scale.data.sharded import build_loader, gather_state
@@ -165,31 +166,35 @@ class Trainer:
                                  self.prompt_slice.start, self.device, self.log_prob_fn)
 
     def trained_steps(self) -> list[int]:
-        settings = self.config.algo
-        steps = list(range(settings.train_timestep_offset, self.config.sampler.num_steps,
-                           settings.train_timestep_stride))
-        if not steps:
-            raise ValueError("algo.train_timestep_offset leaves no sampling step to train on")
-        return steps
+        return list(step_plan(self.config.algo, self.config.sampler.num_steps).steps)
 
     def data_loss(self, batch: AnchorBatch, rollouts: RolloutBatch, index: int) -> torch.Tensor:
-        """Flow-matching loss (B_data,) of the policy on the anchor batch."""
+        """Flow-matching loss of the policy on the anchor batch: (B_data,), or under
+        algo.preset=release (P * G,), every rollout sample on its group's anchor x0 with its own
+        initial noise and text (cosmos-rl wfm_trainer.py, `use_rl_sigma_and_noise`)."""
         settings, x0 = self.config.algo, batch.latents.to(self.device)
+        release = settings.preset == "release"
+        if release:
+            x0 = x0.repeat_interleave(settings.group_size, dim=0)
         if settings.data_reuse_rollout_noise:
-            noise = rollouts.trajectory.initial_noise[:: settings.group_size]
+            noise = rollouts.trajectory.initial_noise
+            noise = noise if release else noise[:: settings.group_size]
             sigma = torch.full((x0.shape[0],), float(self.sigmas[index]), device=self.device)
         else:
             items = list(range(self.prompt_slice.start, self.prompt_slice.start + x0.shape[0]))
             noise, sigma = data_term_draws(x0.shape[1:], items, self.config.run.seed, self.step,
                                            index, device=self.device)
+        text = rollouts.text if release else self.batch_text(batch)
         with self.timer.phase("forward"):
-            v_pred = self.engine.forward(add_noise(x0, noise, sigma), sigma, self.batch_text(batch))
-        return kernels.flow_matching_loss(v_pred, x0, noise, backend=self.kernel_backend)
+            v_pred = self.engine.forward(add_noise(x0, noise, sigma), sigma, text)
+        return kernels.flow_matching_loss(v_pred, x0, noise, data_loss_weight(sigma, algo=settings),
+                                          backend=self.kernel_backend)
 
     def optimize(self, batch: AnchorBatch, rollouts: RolloutBatch) -> dict[str, float]:
         """Accumulate the DDRL loss over the trained denoising steps, then one optimizer step."""
         settings, trajectory = self.config.algo, rollouts.trajectory
-        steps, totals = self.trained_steps(), {}
+        plan, totals = step_plan(settings, self.config.sampler.num_steps), {}
+        steps = plan.steps
         for position, index in enumerate(steps):
             x, sigma = trajectory.states[index], float(self.sigmas[index])
             sigma_next = float(self.sigmas[index + 1])
@@ -198,8 +203,9 @@ class Trainer:
                                         rollouts.text)
             kl, noise_level = None, self.config.sampler.noise_level
             if self.reference is None:  # the fused log-prob; the same kernel scored the rollout
-                log_prob = kernels.sde_log_prob(v, x, trajectory.states[index + 1], sigma, sigma_next,
-                                                noise_level, backend=self.kernel_backend)
+                log_prob, std = kernels.sde_log_prob(v, x, trajectory.states[index + 1], sigma, sigma_next,
+                                                     noise_level, backend=self.kernel_backend,
+                                                     return_std=True)
             else:
                 log_prob, mean, std = kernels.sde_log_prob(
                     v, x, trajectory.states[index + 1], sigma, sigma_next, noise_level,
@@ -210,10 +216,12 @@ class Trainer:
                     # only the reference's transition mean is needed; prev_sample = x is a placeholder
                     _, ref_mean = kernels.sde_log_prob(ref_v, x, x, sigma, sigma_next, noise_level,
                                                        backend=self.kernel_backend, return_mean=True)
-                kl = reverse_kl(mean, ref_mean, std)
-            wants_data = settings.data_beta > 0 and not (settings.data_on_first_only and position)
+                kl = kl_penalty(mean, ref_mean, std, sigma, sigma_next, algo=settings)
+            wants_data = position in plan.data_positions
+            old_log_prob = trajectory.log_probs[index]
             loss, stats = self.loss_fn(
-                log_prob=log_prob, old_log_prob=trajectory.log_probs[index],
+                log_prob=log_prob, old_log_prob=old_log_prob,
+                log_ratio=policy_log_ratio(log_prob, old_log_prob, std, algo=settings),
                 advantages=rollouts.advantages, clip_eps=settings.clip_eps,
                 policy_weight=settings.policy_weight, data_beta=settings.data_beta if wants_data else 0.0,
                 kl_beta=settings.kl_beta, loss_scale=settings.loss_scale,
