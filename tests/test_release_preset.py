@@ -153,3 +153,57 @@ def test_release_data_term_uses_each_members_own_rollout_noise(tiny_overrides):
             v = trainer.engine.model(x_t[None], torch.tensor([t]), rollouts.text[member:member + 1])[0]
         expected = (t**2 + (1 - t) ** 2) * ((v - (noise[member] - x0)) ** 2).mean()
         torch.testing.assert_close(got[member], expected, rtol=1e-5, atol=1e-7)
+
+
+def test_random_trained_steps_are_drawn_without_replacement_from_the_rest():
+    from ddrl_scale.algo.steps import step_plan
+
+    algo = AlgoSection(train_timestep_stride=3, train_random_steps=3)
+    fixed = (0, 3, 6, 9)
+    draws = [step_plan(algo, 10, seed=7, iteration=it).steps for it in range(20)]
+    for steps in draws:
+        assert steps[:4] == fixed and len(steps) == 7 and len(set(steps)) == 7
+        assert not set(steps[4:]) & set(fixed) and all(0 <= index < 10 for index in steps)
+    assert len({steps[4:] for steps in draws}) > 5  # they change from iteration to iteration
+    # keyed by (seed, iteration): the same again, with no RNG state
+    assert step_plan(algo, 10, seed=7, iteration=3).steps == draws[3]
+    assert [step_plan(algo, 10, seed=8, iteration=it).steps for it in range(20)] != draws  # and by seed
+    assert step_plan(AlgoSection(train_timestep_stride=3), 10, seed=7, iteration=3).steps == fixed
+    with pytest.raises(ConfigError, match="algo.train_random_steps"):
+        step_plan(AlgoSection(train_timestep_stride=3, train_random_steps=7), 10)
+    with pytest.raises(ConfigError, match="algo.train_random_steps"):
+        load_config(None, ["algo.train_random_steps=-1"])
+
+
+def test_random_trained_steps_resume_exactly(tiny_overrides, tmp_path):
+    """2 steps then a resume to 4 == 4 steps in one go, with random trained steps on."""
+    from ddrl_scale.train.metrics import read_metrics
+    from ddrl_scale.train.run import run_training
+
+    extra = [*tiny_overrides, "train.eval_prompts=0", "algo.train_random_steps=1"]
+    run_training(load_config(None, [*extra, f"run.output_dir={tmp_path / 'a'}", "train.steps=4"]))
+    run_training(load_config(None, [*extra, f"run.output_dir={tmp_path / 'b'}", "train.steps=2"]))
+    run_training(load_config(None, [*extra, f"run.output_dir={tmp_path / 'b'}", "train.steps=4",
+                                    "train.resume=auto"]))
+    a, b = (read_metrics(tmp_path / name / "metrics.jsonl") for name in "ab")
+    assert [r["step"] for r in b] == [1, 2, 3, 4]
+    assert [r["grad_norm"] for r in a] == [r["grad_norm"] for r in b]
+    assert [r["policy_loss"] for r in a] == [r["policy_loss"] for r in b]
+
+
+def test_caption_dropout_replaces_captions_by_the_empty_prompt(tiny_overrides):
+    from ddrl_scale.train.trainer import Trainer
+
+    trainer = Trainer(load_config(None, [*tiny_overrides, "algo.data_caption_dropout=0.5"]))
+    prompts = [f"caption {i}" for i in range(64)]
+    text = trainer.encode_text(prompts)
+    empty = trainer.encode_text([""])[0]
+    out = trainer.drop_captions(text, list(range(64)), index=0)
+    dropped = [torch.equal(row, empty) for row in out]
+    kept = [torch.equal(row, original) for row, original in zip(out, text)]
+    assert all(d or k for d, k in zip(dropped, kept))
+    assert 16 < sum(dropped) < 48  # about half, and the same draw again
+    assert torch.equal(trainer.drop_captions(text, list(range(64)), index=0), out)
+    assert not torch.equal(trainer.drop_captions(text, list(range(64)), index=2), out)
+    with pytest.raises(ConfigError, match="algo.data_caption_dropout"):
+        load_config(None, ["algo.data_caption_dropout=1.0"])

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import torch
 
 # stream ids: one per kind of draw
-ROLLOUT_INIT, ROLLOUT_STEP, DATA_NOISE, DATA_SIGMA = 1, 2, 3, 4
+ROLLOUT_INIT, ROLLOUT_STEP, DATA_NOISE, DATA_SIGMA, TRAIN_STEPS, CAPTION_DROP = 1, 2, 3, 4, 5, 6
 
 
 def key_seed(*key: int) -> int:

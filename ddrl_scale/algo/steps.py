@@ -7,6 +7,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+
+from ddrl_scale.algo.noise import TRAIN_STEPS, key_seed
+
 
 @dataclass(frozen=True)
 class StepPlan:
@@ -22,15 +26,29 @@ class StepPlan:
         return len(self.data_positions)
 
 
-def step_plan(algo, num_steps: int) -> StepPlan:
-    """The trained steps of one iteration from the algo config section and sampler.num_steps.
+def step_plan(algo, num_steps: int, seed: int = 0, iteration: int = 0) -> StepPlan:
+    """The trained steps of iteration `iteration` from the algo config section and sampler.num_steps.
 
-    Every train_timestep_stride-th step from train_timestep_offset; the data term (data_beta > 0) on
+    Every train_timestep_stride-th step from train_timestep_offset, then algo.train_random_steps
+    more drawn without replacement from the others (the release's `train_on` entries of -1,
+    cosmos-rl t2v_model.py), keyed by (seed, iteration): a resumed run draws the same ones without
+    any saved RNG state, and the count per iteration is fixed. The data term (data_beta > 0) on
     each of them, or with data_on_first_only on the first; it covers the step's anchor items
     (prompts_per_step), or under algo.preset=release every rollout sample (prompts x group_size),
     as the release computes it.
     """
     steps = tuple(range(algo.train_timestep_offset, num_steps, algo.train_timestep_stride))
+    extra = getattr(algo, "train_random_steps", 0)
+    if extra:
+        rest = [index for index in range(num_steps) if index not in steps]
+        if extra > len(rest):
+            from ddrl_scale.config.schema import ConfigError
+
+            raise ConfigError(f"config key 'algo.train_random_steps': {extra} random steps, but only "
+                              f"{len(rest)} sampling steps are left outside the stride")
+        generator = torch.Generator().manual_seed(key_seed(seed, TRAIN_STEPS, iteration))
+        order = torch.randperm(len(rest), generator=generator)[:extra].tolist()
+        steps = steps + tuple(rest[position] for position in order)
     if not steps:
         from ddrl_scale.config.schema import ConfigError  # config is the bottom layer
 

@@ -170,6 +170,11 @@ class AlgoSection:
     # data term once per iteration, on the first trained step (like every term, it is divided by
     # the number of trained steps, so its weight per iteration is data_beta / trained steps)
     data_on_first_only: bool = False
+    # the release's train_on entries of -1: this many more trained steps per iteration, drawn
+    # without replacement from the steps the stride leaves out, keyed by (run.seed, step)
+    train_random_steps: int = 0
+    # probability that a data-term sample's caption is replaced by the empty prompt (release: 0.2)
+    data_caption_dropout: float = 0.0
 
     def __post_init__(self) -> None:
         _check(self.preset in ("paper", "release"), "algo.preset", "paper|release", self.preset)
@@ -183,6 +188,9 @@ class AlgoSection:
         _check(self.train_timestep_offset >= 0, "algo.train_timestep_offset", ">= 0",
                self.train_timestep_offset)
         _check(self.clip_eps > 0, "algo.clip_eps", "> 0", self.clip_eps)
+        _check(self.train_random_steps >= 0, "algo.train_random_steps", ">= 0", self.train_random_steps)
+        _check(0 <= self.data_caption_dropout < 1, "algo.data_caption_dropout", "in [0, 1)",
+               self.data_caption_dropout)
         for key in ("policy_weight", "data_beta", "kl_beta", "loss_scale", "advantage_clamp"):
             value = getattr(self, key)
             _check(math.isfinite(value) and value >= 0, f"algo.{key}", "a finite value >= 0", value)

@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from ddrl_scale import algo, kernels
 from ddrl_scale.algo.losses import data_loss_weight, kl_penalty, policy_log_ratio
-from ddrl_scale.algo.noise import data_term_draws
+from ddrl_scale.algo.noise import CAPTION_DROP, data_term_draws, keyed_normal
 from ddrl_scale.algo.schedules import add_noise, sigma_schedule
 from ddrl_scale.algo.steps import step_plan
 from ddrl_scale.config import ConfigError, RunConfig, save_config
@@ -94,8 +94,9 @@ class Trainer:
         # Flow-GRPO's reverse KL needs the frozen starting policy; DDRL (kl_beta = 0) does not
         self.reference = copy.deepcopy(model).requires_grad_(False).to(self.device) \
             if config.algo.kl_beta > 0 else None
+        trained_per_iteration = len(step_plan(config.algo, config.sampler.num_steps).steps)
         self.engine = build_engine(model, config.optim, config.parallel, self.world, config.run.dtype,
-                                   accumulation_steps=len(self.trained_steps()))
+                                   accumulation_steps=trained_per_iteration)
         if self.world.is_main:  # rank 0 writes the demo shards (once); the others then find them
             demo_shards(config)
         barrier(self.world, "anchor shards ready")
@@ -165,8 +166,24 @@ class Trainer:
                                  self.config.algo, self.config.run.seed, self.step,
                                  self.prompt_slice.start, self.device, self.log_prob_fn)
 
+    def step_plan(self):
+        """This iteration's trained steps and data-term counts (algo/steps.py: the one rule)."""
+        return step_plan(self.config.algo, self.config.sampler.num_steps, self.config.run.seed, self.step)
+
     def trained_steps(self) -> list[int]:
-        return list(step_plan(self.config.algo, self.config.sampler.num_steps).steps)
+        return list(self.step_plan().steps)
+
+    def drop_captions(self, text: torch.Tensor, items: list[int], index: int) -> torch.Tensor:
+        """algo.data_caption_dropout: each data-term sample's caption embedding replaced by the empty
+        prompt's with that probability, keyed by (seed, step, trained step, item)."""
+        rate = self.config.algo.data_caption_dropout
+        if rate == 0:
+            return text
+        draws = keyed_normal((), items, self.config.run.seed, CAPTION_DROP, self.step, index,
+                             device=self.device)
+        dropped = torch.special.ndtr(draws) < rate  # a uniform draw below the rate
+        empty = self.encode_text([""]).to(text.dtype)
+        return torch.where(dropped.reshape(-1, 1, 1), empty, text)
 
     def data_loss(self, batch: AnchorBatch, rollouts: RolloutBatch, index: int) -> torch.Tensor:
         """Flow-matching loss of the policy on the anchor batch: (B_data,), or under
@@ -184,7 +201,9 @@ class Trainer:
             items = list(range(self.prompt_slice.start, self.prompt_slice.start + x0.shape[0]))
             noise, sigma = data_term_draws(x0.shape[1:], items, self.config.run.seed, self.step,
                                            index, device=self.device)
-        text = rollouts.text if release else self.batch_text(batch)
+        first = self.prompt_slice.start * (settings.group_size if release else 1)
+        text = self.drop_captions(rollouts.text if release else self.batch_text(batch),
+                                  list(range(first, first + x0.shape[0])), index)
         with self.timer.phase("forward"):
             v_pred = self.engine.forward(add_noise(x0, noise, sigma), sigma, text)
         return kernels.flow_matching_loss(v_pred, x0, noise, data_loss_weight(sigma, algo=settings),
@@ -193,7 +212,7 @@ class Trainer:
     def optimize(self, batch: AnchorBatch, rollouts: RolloutBatch) -> dict[str, float]:
         """Accumulate the DDRL loss over the trained denoising steps, then one optimizer step."""
         settings, trajectory = self.config.algo, rollouts.trajectory
-        plan, totals = step_plan(settings, self.config.sampler.num_steps), {}
+        plan, totals = self.step_plan(), {}
         steps = plan.steps
         for position, index in enumerate(steps):
             x, sigma = trajectory.states[index], float(self.sigmas[index])
