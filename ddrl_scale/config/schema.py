@@ -144,6 +144,13 @@ class RewardSpec:
     name: str = "caption_alignment"
     weight: float = 1.0
     args: dict[str, Any] = field(default_factory=dict)  # the reward's keyword arguments
+    scale: float = 1.0  # each score x scale, after the clip (the release's per-reward `scale`)
+    clip: list[float] = field(default_factory=list)  # [low, high]: scores clamped first; [] = off
+
+    def __post_init__(self) -> None:
+        _check(math.isfinite(self.scale), f"rewards[{self.name}].scale", "a finite float", self.scale)
+        _check(not self.clip or (len(self.clip) == 2 and self.clip[0] < self.clip[1]),
+               f"rewards[{self.name}].clip", "[] or [low, high] with low < high", self.clip)
 
 
 @dataclass

@@ -17,6 +17,7 @@ them as ``(name, weight, kwargs)`` entries, which ``WeightedRewards`` builds and
 from __future__ import annotations
 
 import abc
+import logging
 import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -24,6 +25,7 @@ from typing import Any
 import torch
 
 _REGISTRY: dict[str, type[Reward]] = {}
+logger = logging.getLogger(__name__)
 
 
 class Reward(abc.ABC):
@@ -102,13 +104,22 @@ def build_reward(name: str, **kwargs: Any) -> Reward:
 class WeightedRewards:
     """Several named rewards and their weights; the training signal is their weighted sum.
 
+    A reward that raises, or returns a non-finite score, marks those samples invalid (NaN in the
+    scores) instead of stopping the run; `algo.advantages.fill_invalid` then gives each invalid
+    member its group's mean of the valid scores, as the authors' release does.
+
     Args:
         entries: non-empty list of ``(name, weight, kwargs)``: a registered reward name, a finite
             weight, and the keyword arguments for its constructor (``None`` means none). Each name
             may appear once, since scores are reported per name.
+        transforms: optional ``{name: (scale, clip)}``: each finite score is clamped to ``clip``
+            ``(low, high)`` (None: not clamped), then multiplied by ``scale`` (the release's
+            per-reward ``reward_clip_min/max`` and ``scale``).
     """
 
-    def __init__(self, entries: Sequence[tuple[str, float, Mapping[str, Any] | None]]) -> None:
+    def __init__(self, entries: Sequence[tuple[str, float, Mapping[str, Any] | None]],
+                 transforms: Mapping[str, tuple[float, tuple[float, float] | None]] | None = None
+                 ) -> None:
         if len(entries) == 0:
             raise ValueError("WeightedRewards needs at least one (name, weight, kwargs) entry")
         self._rewards: dict[str, Reward] = {}
@@ -117,6 +128,17 @@ class WeightedRewards:
             name, weight, kwargs = self._validate_entry(index, entry)
             self._rewards[name] = build_reward(name, **kwargs)
             self._weights[name] = weight
+        self._transforms = dict(transforms or {})
+        unknown = sorted(set(self._transforms) - set(self._rewards))
+        if unknown:
+            raise ValueError(f"reward transforms for {unknown}, which are not among {sorted(self._rewards)}")
+
+    @classmethod
+    def from_specs(cls, specs: Sequence[Any]) -> WeightedRewards:
+        """From the config's `rewards` list (RewardSpec: name, weight, args, scale, clip)."""
+        transforms = {spec.name: (float(spec.scale), tuple(spec.clip) if spec.clip else None)
+                      for spec in specs}
+        return cls([(spec.name, spec.weight, dict(spec.args)) for spec in specs], transforms)
 
     def _validate_entry(self, index: int, entry: Any) -> tuple[str, float, dict[str, Any]]:
         where = f"reward entry {index} {entry!r}"
@@ -159,13 +181,27 @@ class WeightedRewards:
         batch = videos.shape[0]
         scores = {}
         for name, reward in self._rewards.items():
-            score = reward(videos, prompts)
+            try:
+                score = reward(videos, prompts)
+            except Exception as error:  # a failed model or a dead server: those samples are invalid
+                logger.warning("reward %r failed on %d samples (%s: %s); they count as invalid",
+                               name, batch, type(error).__name__, error)
+                score = torch.full((batch,), float("nan"), device=videos.device)
             if score.shape != (batch,):
                 raise ValueError(
                     f"reward {name!r} returned shape {tuple(score.shape)}, expected ({batch},)"
                 )
-            scores[name] = score.float()
+            scores[name] = self._transform(name, score.float())
         return scores
+
+    def _transform(self, name: str, score: torch.Tensor) -> torch.Tensor:
+        score = torch.where(torch.isfinite(score), score, torch.full_like(score, float("nan")))
+        if name not in self._transforms:
+            return score
+        scale, clip = self._transforms[name]
+        if clip is not None:
+            score = score.clamp(clip[0], clip[1])  # NaN stays NaN
+        return score * scale
 
     def total(self, scores: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """Weighted sum of per-reward scores as returned by ``__call__``: float32 ``(B,)``."""

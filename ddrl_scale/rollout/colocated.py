@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ddrl_scale.algo.advantages import group_advantages
+from ddrl_scale.algo.advantages import fill_invalid, group_advantages
 from ddrl_scale.algo.noise import ROLLOUT_INIT, ROLLOUT_STEP, keyed_normal
 from ddrl_scale.algo.samplers import Trajectory, sample
 from ddrl_scale.config.schema import AlgoSection, SamplerSection
@@ -26,8 +26,8 @@ class RolloutBatch:
     text: torch.Tensor  # (N, L, text_dim)
     trajectory: Trajectory
     videos: torch.Tensor  # (N, 3, T, H, W) decoded, in [0, 1]
-    rewards: dict[str, torch.Tensor]  # name -> (N,)
-    total_reward: torch.Tensor  # (N,) weighted sum
+    rewards: dict[str, torch.Tensor]  # name -> (N,), NaN for an invalid sample (its reward failed)
+    total_reward: torch.Tensor  # (N,) weighted sum, invalid scores filled by their group's valid mean
     advantages: torch.Tensor  # (N,)
     policy_version: int
 
@@ -81,10 +81,11 @@ def score_rollouts(decode: Callable[[torch.Tensor], torch.Tensor], rewards: Weig
     """Decode the final latents, score them, normalise the advantages within each group. Needs no
     policy weights, so a rollout rank can run it while it samples the next batch."""
     videos = decode(trajectory.final)
-    scores = rewards(videos, expanded)
+    scores = rewards(videos, expanded)  # NaN where a reward failed (an invalid sample)
     advantages = group_advantages(scores, rewards.weights, algo.group_size, algo.exp_reward,
                                   algo.advantage_clamp, unbiased_std=algo.preset == "release")
-    return RolloutBatch(expanded, text, trajectory, videos, scores, rewards.total(scores),
+    filled = {name: fill_invalid(values, algo.group_size, name)[0] for name, values in scores.items()}
+    return RolloutBatch(expanded, text, trajectory, videos, scores, rewards.total(filled),
                         advantages, policy_version)
 
 

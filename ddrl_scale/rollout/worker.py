@@ -61,7 +61,7 @@ class RolloutWorker:
         self.text_encoder = build_text_encoder(config, self.device)
         # only the copy's first rank decodes and scores: the others need no VAE and no reward models
         self.vae = build_vae(config, self.device) if self.leader else None
-        self.rewards = (WeightedRewards([(r.name, r.weight, dict(r.args)) for r in config.rewards])
+        self.rewards = (WeightedRewards.from_specs(config.rewards)
                         if self.leader else None)
         self.sigmas = sigma_schedule(config.sampler.num_steps, config.sampler.shift)
         # the trainers' log-prob kernel: the behaviour log-probs must be computed as training does

@@ -48,6 +48,19 @@ from ddrl_scale.train.preemption import StopRequest
 logger = logging.getLogger(__name__)
 
 
+def reward_metrics(rewards: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Per-reward means over the valid samples, and the valid fractions (reward_valid_rate: all
+    rewards together); a NaN score marks a sample whose reward failed."""
+    out, valid_total, count = {}, 0.0, 0
+    for name, values in rewards.items():
+        valid = torch.isfinite(values)
+        out[f"reward_{name}_mean"] = values[valid].mean().item() if bool(valid.any()) else float("nan")
+        out[f"reward_{name}_valid_rate"] = valid.float().mean().item()
+        valid_total, count = valid_total + valid.sum().item(), count + valid.numel()
+    out["reward_valid_rate"] = valid_total / max(1, count)
+    return out
+
+
 class TimedRewards:
     """The run's WeightedRewards, its scoring timed as the 'reward' phase."""
 
@@ -88,7 +101,7 @@ class Trainer:
                                         "algo.prompts_per_step")
         self.text_encoder = build_text_encoder(config, self.device)
         self.vae = build_vae(config, self.device)
-        self.rewards = WeightedRewards([(r.name, r.weight, dict(r.args)) for r in config.rewards])
+        self.rewards = WeightedRewards.from_specs(config.rewards)
         self.loss_fn = algo.get("loss", config.algo.name)
         model = build_model(config)
         # Flow-GRPO's reverse KL needs the frozen starting policy; DDRL (kl_beta = 0) does not
@@ -322,7 +335,7 @@ class Trainer:
             time_train=sum(timing.get(f"time_{name}", 0.0) for name in ("forward", "backward", "optimizer")),
             **step_throughput(self.config, timing["time_step"], self.peak_flops,
                               self.world.world_size, self.engine.model.config),
-            **{f"reward_{name}_mean": value.mean().item() for name, value in rollouts.rewards.items()})
+            **reward_metrics(rollouts.rewards))
         # means over ranks are global means (equal shares); the std is rebuilt from E[r^2] - E[r]^2
         metrics = reduce_metrics(metrics, self.world)
         num_samples = len(rollouts.prompts) * self.world.world_size // self.model_parallel
