@@ -5,14 +5,24 @@ The DeepSpeed config is generated from ours (optimizer, clipping, precision, ZeR
 except the batch-size keys, which follow the run). The trainer calls `backward` once per trained
 denoising step and `step` once per iteration; DeepSpeed's gradient-accumulation boundary is set to
 that count, so its optimizer step happens on the last backward of the iteration.
+
+DeepSpeed JIT-builds (or loads) its C++ ops through torch's extension loader, which takes a `lock`
+file in the op's folder under TORCH_EXTENSIONS_DIR and waits, silently and forever, while one
+exists; a run killed during that build leaves the lock. `check_extension_locks` looks before the
+engine is built and names the file to remove, and the build runs under a deadline that names its
+phase (`build_deadline`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import os
+import signal
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -24,10 +34,77 @@ from ddrl_scale.config.schema import OptimSection, ParallelSection
 from ddrl_scale.parallel.distributed import World, collective
 from ddrl_scale.parallel.engine import Engine, lr_factor, register_engine
 from ddrl_scale.runtime import autocast
+from ddrl_scale.train.safe_load import check_deepspeed_files, deepspeed_weights_only, load_pt
 
 logger = logging.getLogger(__name__)
 
 TAG = "checkpoint"  # one DeepSpeed tag per checkpoint folder
+# a lock whose build folder has not changed for this long has no live builder: a build of these
+# ops writes its objects within a minute or two
+STALE_LOCK_S = 300.0
+
+
+def extension_ops(parallel: ParallelSection) -> list[str]:
+    """The C++ ops DeepSpeed builds for this engine on first use: the shared-memory collectives of
+    its CPU accelerator, and CPU Adam when the optimizer is offloaded."""
+    ops = [] if torch.cuda.is_available() else ["deepspeed_shm_comm"]
+    return ops + (["cpu_adam"] if parallel.offload_optimizer else [])
+
+
+def extension_lock(op: str) -> Path:
+    """The lock torch's extension loader takes while it builds `op` (TORCH_EXTENSIONS_DIR/.../op/lock)."""
+    from torch.utils.cpp_extension import _get_build_directory  # the loader's own folder rule
+
+    return Path(_get_build_directory(op, verbose=False)) / "lock"
+
+
+def _newest_change(folder: Path) -> float:
+    return max((entry.stat().st_mtime for entry in folder.iterdir()), default=0.0)
+
+
+def check_extension_locks(ops: list[str], wait_s: float, stale_s: float = STALE_LOCK_S) -> None:
+    """Raise, naming the lock file, instead of letting torch wait on it forever: at once for a lock
+    whose build folder has not changed for `stale_s` (its builder died), else after `wait_s` if a
+    live build (another rank, another run) still holds it."""
+    deadline = time.monotonic() + wait_s
+    for op in ops:
+        lock = extension_lock(op)
+        while lock.exists():
+            idle = time.time() - _newest_change(lock.parent)
+            if idle > stale_s:
+                raise RuntimeError(
+                    f"stale torch-extension lock '{lock}': the build of DeepSpeed's '{op}' op that "
+                    f"took it stopped {idle:.0f} s ago (a killed run leaves it) and torch would wait "
+                    f"on it forever; remove that file and start again")
+            if time.monotonic() > deadline:
+                raise RuntimeError(
+                    f"torch-extension lock '{lock}' is still held after {wait_s:.0f} s: another "
+                    f"process is building DeepSpeed's '{op}' op; wait for it, or remove the file if "
+                    f"no such build is running")
+            time.sleep(0.5)
+
+
+@contextlib.contextmanager
+def build_deadline(phase: str, timeout_s: float) -> Iterator[None]:
+    """Raise TimeoutError naming `phase` if the block runs longer than `timeout_s` (main thread
+    only, through SIGALRM: the waits it guards are Python loops and blocking C++ builds)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def expired(signum: int, frame: object) -> None:
+        root = os.environ.get("TORCH_EXTENSIONS_DIR", "~/.cache/torch_extensions")
+        raise TimeoutError(f"deepspeed engine: phase '{phase}' did not finish in {timeout_s:.0f} s "
+                           f"(parallel.timeout_s); a torch-extension build may be stuck: see the "
+                           f"'lock' files under {root}")
+
+    previous = signal.signal(signal.SIGALRM, expired)
+    signal.setitimer(signal.ITIMER_REAL, timeout_s)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
 
 
 def deepspeed_config(optim: OptimSection, parallel: ParallelSection, dtype: str, world_size: int,
@@ -86,6 +163,7 @@ class DeepSpeedEngine(Engine):
     def __init__(self, model: nn.Module, optim: OptimSection, parallel: ParallelSection, world: World,
                  dtype: str = "fp32", accumulation_steps: int = 1):
         os.environ.setdefault("DS_BUILD_OPS", "0")  # C++ ops build lazily, cached in TORCH_EXTENSIONS_DIR
+        check_extension_locks(extension_ops(parallel), wait_s=parallel.timeout_s)
         import deepspeed
 
         if not dist.is_initialized():  # DeepSpeed always wants a process group, even of one
@@ -95,11 +173,13 @@ class DeepSpeedEngine(Engine):
         self.accumulation_steps, self.micro_step = accumulation_steps, 0
         self.config = deepspeed_config(optim, parallel, dtype, world.world_size, accumulation_steps)
         self.model = model.to(world.device)
-        self.ds, self.optimizer, _, self.schedule = deepspeed.initialize(
-            model=self.model, model_parameters=self.model.parameters(), config=self.config,
-            lr_scheduler=lambda optimizer: torch.optim.lr_scheduler.LambdaLR(
-                optimizer, lr_factor(optim)),
-            dist_init_required=False)
+        # builds or loads the C++ ops (the locks above) and sets up ZeRO
+        with build_deadline("deepspeed.initialize (C++ ops build, ZeRO setup)", parallel.timeout_s):
+            self.ds, self.optimizer, _, self.schedule = deepspeed.initialize(
+                model=self.model, model_parameters=self.model.parameters(), config=self.config,
+                lr_scheduler=lambda optimizer: torch.optim.lr_scheduler.LambdaLR(
+                    optimizer, lr_factor(optim)),
+                dist_init_required=False)
         self.zero3 = parallel.zero_stage == 3
         self.ema_decay = optim.ema_decay
         self.ema = ({name: _local(p).detach().float().clone() for name, p in self.model.named_parameters()}
@@ -145,13 +225,14 @@ class DeepSpeedEngine(Engine):
         if not (directory / "deepspeed" / TAG).is_dir():
             raise FileNotFoundError(f"checkpoint '{directory}' has no DeepSpeed state "
                                     f"(deepspeed/{TAG}); was it written by another engine?")
-        path, _ = collective("deepspeed load_checkpoint",
-                             lambda: self.ds.load_checkpoint(str(directory / "deepspeed"), tag=TAG))
+        check_deepspeed_files(directory / "deepspeed" / TAG)  # on every rank: one verdict for all
+        with deepspeed_weights_only():  # DeepSpeed's own reads use weights_only=False
+            path, _ = collective("deepspeed load_checkpoint",
+                                 lambda: self.ds.load_checkpoint(str(directory / "deepspeed"), tag=TAG))
         if path is None:
             raise RuntimeError(f"DeepSpeed could not load '{directory / 'deepspeed'}'")
         if self.ema is not None:
-            saved = torch.load(directory / f"ema_rank{self.world.rank}.pt", map_location="cpu",
-                               weights_only=True)
+            saved = load_pt(directory / f"ema_rank{self.world.rank}.pt")
             if saved["zero3"] and saved["world_size"] != self.world.world_size:
                 raise ValueError(f"the ZeRO-3 EMA in '{directory}' was saved by {saved['world_size']} "
                                  f"ranks; resume with the same number")

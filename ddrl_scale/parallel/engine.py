@@ -27,6 +27,7 @@ from ddrl_scale.config.schema import ConfigError, OptimSection, ParallelSection
 from ddrl_scale.parallel.distributed import World, collective
 from ddrl_scale.runtime import autocast
 from ddrl_scale.train.ema import EMA
+from ddrl_scale.train.safe_load import dcp_load, load_pt
 
 logger = logging.getLogger(__name__)
 
@@ -173,9 +174,9 @@ class TorchEngine(Engine):
         if not (directory / "engine" / ".metadata").is_file():
             raise FileNotFoundError(f"checkpoint '{directory}' has no engine state (engine/.metadata)")
         state = self._state()
-        with _single_process_quiet():
-            collective("checkpoint load", lambda: dcp.load(
-                state, checkpoint_id=directory / "engine", no_dist=not dist.is_initialized()))
+        with _single_process_quiet():  # the safe reader: no code from .metadata or byte items
+            collective("checkpoint load", lambda: dcp_load(
+                state, directory / "engine", no_dist=not dist.is_initialized()))
         set_state_dict(self.model, self.optimizer, model_state_dict=state["model"],
                        optim_state_dict=state["optimizer"])
         if self.ema is not None:
@@ -189,7 +190,7 @@ class TorchEngine(Engine):
             torch.save({"schedule": self.schedule.state_dict()}, directory / "engine_schedule.pt")
 
     def load_schedule(self, directory: Path) -> None:
-        extra = torch.load(directory / "engine_schedule.pt", map_location="cpu", weights_only=True)
+        extra = load_pt(directory / "engine_schedule.pt")
         self.schedule.load_state_dict(extra["schedule"])
 
     def gather(self, name: str, tensor: torch.Tensor) -> torch.Tensor:

@@ -4,12 +4,14 @@ Layout: RUN_DIR/checkpoints/step_000040/ with engine/ (DCP: model, optimizer, EM
 engine holds them), engine_schedule.pt, trainer_state.pt (step, loader position) and
 rng_rank{R}.pt (each rank's RNG states). A checkpoint is written under `.partial_step_N/` and renamed
 when every rank has finished, so a crash mid-save never leaves a half checkpoint that resume would
-pick; the newest `train.keep_last` complete ones are kept.
+pick; the newest `train.keep_last` complete ones are kept. Every file is read back through
+`train/safe_load.py`: tensors and plain data only, a file that holds code is refused by name.
 """
 
 from __future__ import annotations
 
 import logging
+import pickle
 import random
 import re
 import shutil
@@ -21,6 +23,13 @@ import torch
 
 from ddrl_scale.parallel.distributed import World, barrier
 from ddrl_scale.parallel.engine import Engine
+from ddrl_scale.train.safe_load import (
+    CheckpointRefusedError,
+    dcp_load,
+    deepspeed_weights_only,
+    load_pt,
+    read_dcp_metadata,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -91,11 +100,15 @@ def load_checkpoint(path: str | Path, engine: Engine, world: World) -> dict:
         raise FileNotFoundError(f"checkpoint folder '{path}' does not exist")
     if not (path / "trainer_state.pt").is_file():
         raise FileNotFoundError(f"checkpoint '{path}' is incomplete: 'trainer_state.pt' is missing")
-    engine.load(path)
+    try:
+        engine.load(path)
+    except pickle.UnpicklingError as error:  # an engine's own torch.load(weights_only=True) refused
+        raise CheckpointRefusedError(path, f"a file of its engine state is not plain tensor data "
+                                           f"({str(error).strip().splitlines()[0]})") from None
     rng_path = path / f"rng_rank{world.rank}.pt"
     if rng_path.is_file():  # a checkpoint from a smaller world has no RNG state for this rank
-        set_rng_state(torch.load(rng_path, map_location="cpu", weights_only=True))
-    return torch.load(path / "trainer_state.pt", map_location="cpu", weights_only=True)
+        set_rng_state(load_pt(rng_path))
+    return load_pt(path / "trainer_state.pt")
 
 
 def read_weights(path: str | Path, ema: bool = False) -> dict[str, torch.Tensor]:
@@ -106,14 +119,13 @@ def read_weights(path: str | Path, ema: bool = False) -> dict[str, torch.Tensor]
         from ddrl_scale.parallel.megatron_engine import read_megatron_weights
 
         return read_megatron_weights(Path(path), ema)
-    import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
     engine_dir = Path(path) / "engine"
     if not (engine_dir / ".metadata").is_file():
         raise FileNotFoundError(f"checkpoint '{path}' has no engine state (engine/.metadata)")
     prefix = "ema." if ema else "model."
-    metadata = dcp.FileSystemReader(str(engine_dir)).read_metadata()
+    metadata = read_dcp_metadata(engine_dir)
     state = {key: torch.empty(meta.size, dtype=meta.properties.dtype)
              for key, meta in metadata.state_dict_metadata.items()
              if key.startswith(prefix) and isinstance(meta, TensorStorageMetadata)}
@@ -121,7 +133,7 @@ def read_weights(path: str | Path, ema: bool = False) -> dict[str, torch.Tensor]
         raise KeyError(f"checkpoint '{path}' holds no {'EMA' if ema else 'model'} weights")
     with warnings.catch_warnings():  # single-process load is intended here
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        dcp.load(state, checkpoint_id=str(engine_dir), no_dist=True)
+        dcp_load(state, engine_dir, no_dist=True)
     return {key[len(prefix):]: tensor for key, tensor in state.items()}
 
 
@@ -132,11 +144,12 @@ def _read_deepspeed_weights(path: Path, ema: bool) -> dict[str, torch.Tensor]:
 
         from ddrl_scale.parallel.deepspeed_engine import TAG
 
-        return dict(get_fp32_state_dict_from_zero_checkpoint(str(path / "deepspeed"), tag=TAG))
+        with deepspeed_weights_only():  # zero_to_fp32 itself reads with weights_only=False
+            return dict(get_fp32_state_dict_from_zero_checkpoint(str(path / "deepspeed"), tag=TAG))
     files = sorted(path.glob("ema_rank*.pt"), key=lambda f: int(f.stem[len("ema_rank"):]))
     if not files:
         raise KeyError(f"checkpoint '{path}' holds no EMA weights")
-    parts = [torch.load(f, map_location="cpu", weights_only=True) for f in files]
+    parts = [load_pt(f) for f in files]
     if not parts[0]["zero3"]:
         return parts[0]["tensors"]  # ZeRO-2: every rank holds the whole EMA
     if len(parts) != parts[0]["world_size"]:

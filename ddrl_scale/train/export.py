@@ -21,6 +21,7 @@ from safetensors.torch import save_file
 
 from ddrl_scale.models import policy_from_dict, save_weights
 from ddrl_scale.train.checkpoint import latest_checkpoint, read_weights
+from ddrl_scale.train.safe_load import load_pt
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 FORMATS = ("safetensors", "diffusers")
@@ -41,7 +42,7 @@ def load_policy(checkpoint: str | Path, ema: bool = False) -> tuple[torch.nn.Mod
     """The checkpoint's policy (model or EMA weights) rebuilt from its recorded config, and the
     trainer state (step, ...)."""
     checkpoint = resolve_checkpoint(checkpoint)
-    state = torch.load(checkpoint / "trainer_state.pt", map_location="cpu", weights_only=True)
+    state = load_pt(checkpoint / "trainer_state.pt")
     if "dit_config" not in state:
         raise KeyError(f"checkpoint '{checkpoint}': trainer_state.pt records no model config ('dit_config')")
     model = policy_from_dict(json.loads(state["dit_config"]))
