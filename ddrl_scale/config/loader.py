@@ -89,7 +89,6 @@ def config_to_yaml(config: RunConfig) -> str:
 
 
 def save_config(config: RunConfig, run_dir: str | os.PathLike) -> Path:
-    target = Path(run_dir) / "config.yaml"
-    target.parent.mkdir(parents=True, exist_ok=True)
-    target.write_text(config_to_yaml(config))
-    return target
+    from ddrl_scale.train.run_files import atomic_write_text
+
+    return atomic_write_text(Path(run_dir) / "config.yaml", config_to_yaml(config))

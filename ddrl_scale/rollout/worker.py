@@ -15,7 +15,6 @@ rollouts, so where the samples are drawn changes nothing but the floating-point 
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import os
 import socket
@@ -39,6 +38,7 @@ from ddrl_scale.rollout.colocated import sample_rollouts, score_rollouts
 from ddrl_scale.rollout.publish import publish_dtype, receive_weights, weights_checksum
 from ddrl_scale.rollout.transport import Channel
 from ddrl_scale.runtime import autocast
+from ddrl_scale.train.run_files import atomic_write_json
 
 logger = logging.getLogger(__name__)
 
@@ -92,7 +92,7 @@ class RolloutWorker:
                   "slurm_node": os.environ.get("SLURMD_NODENAME"),
                   "state": state, "version": self.version, "step": step, "times": self.times,
                   "tp_size": self.config.rollout.tp_size, "local_parameters": self.local_parameters}
-        self.status_path.write_text(json.dumps(status))
+        atomic_write_json(self.status_path, status, indent=None)  # readers never see half of it
 
     def generate(self, order: dict, tensors: dict[str, torch.Tensor]) -> None:
         """Sample on this thread (it needs the weights), then score and send on the scoring thread,

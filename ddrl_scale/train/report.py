@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +9,7 @@ import torch
 from PIL import Image
 
 from ddrl_scale.train.metrics import read_metrics
+from ddrl_scale.train.run_files import atomic_write_json
 
 
 def plot_curves(metrics_path: str | Path, out_path: str | Path) -> Path:
@@ -79,5 +79,4 @@ def before_after_gif(before: torch.Tensor, after: torch.Tensor, path: str | Path
 
 
 def write_json(data: dict, path: str | Path) -> Path:
-    Path(path).write_text(json.dumps(data, indent=2) + "\n")
-    return Path(path)
+    return atomic_write_json(path, data)

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
 from ddrl_scale.config import RunConfig
 from ddrl_scale.models import flops_per_sample
@@ -28,6 +28,7 @@ from ddrl_scale.train.trainer import Trainer
 logger = logging.getLogger(__name__)
 
 
+from ddrl_scale.train.run_files import atomic_write_bytes
 def _before(trainer: Trainer, run_dir: Path) -> tuple[dict, torch.Tensor]:
     """Evaluation of the starting weights, kept on disk so a resumed run reports the true 'before'."""
     json_path, videos_path = run_dir / "eval_before.json", run_dir / "eval_before_videos.safetensors"
@@ -37,7 +38,8 @@ def _before(trainer: Trainer, run_dir: Path) -> tuple[dict, torch.Tensor]:
     trainer.loggers.log_videos("samples/before", result.videos[:8], 0)
     if trainer.world.is_main:
         write_json(result.summary(), json_path)
-        save_file({"videos": result.videos.cpu().contiguous()}, str(videos_path))
+        # atomic, as every run file that a resume reads back (train/run_files.py)
+        atomic_write_bytes(videos_path, save({"videos": result.videos.cpu().contiguous()}))
     return result.summary(), result.videos
 
 
