@@ -85,6 +85,7 @@ class ModelSection:
         _check(self.text_encoder in ("auto", "hash", "pretrained"), "model.text_encoder",
                "auto|hash|pretrained", self.text_encoder)
         _check(self.vae in ("auto", "pixel", "pretrained"), "model.vae", "auto|pixel|pretrained", self.vae)
+        _check(self.num_heads >= 1, "model.num_heads", ">= 1", self.num_heads)
         _check(self.hidden_size % self.num_heads == 0, "model.hidden_size",
                f"a multiple of model.num_heads={self.num_heads}", self.hidden_size)
         head_dim = self.hidden_size // self.num_heads
@@ -418,3 +419,26 @@ class RunConfig:
         _check(self.rollout.tp_size == 1 or self.model.kind == "dit", "rollout.tp_size",
                "1 unless model.kind=dit (tensor-parallel rollout copies are built for the VideoDiT)",
                self.rollout.tp_size)
+
+def check_run_plan(config: RunConfig, world_size: int) -> None:
+    """The checks that need the job's size, in one pass at start, before any model is built: the
+    parallel plan over the `world_size` trainer ranks and the reward names. Raises ConfigError
+    naming the key (the CLI prints it once, exit status 2)."""
+    parallel = config.parallel
+    model_parallel = parallel.cp * parallel.tp
+    _check(model_parallel <= world_size and world_size % model_parallel == 0,
+           "parallel.cp" if parallel.cp > 1 else "parallel.tp",
+           f"parallel.cp x parallel.tp = {parallel.cp} x {parallel.tp} to divide the {world_size} "
+           f"trainer ranks", parallel.cp if parallel.cp > 1 else parallel.tp)
+    if parallel.engine == "fsdp2":
+        _check(world_size % parallel.dp_replicate == 0, "parallel.dp_replicate",
+               f"a divisor of the {world_size} trainer ranks", parallel.dp_replicate)
+        _check(parallel.dp_replicate == 1 or parallel.cp == 1, "parallel.dp_replicate",
+               "1 when parallel.cp > 1 (HSDP with context parallel is not supported)",
+               parallel.dp_replicate)
+    import ddrl_scale.rewards  # noqa: F401  (registers the built-in rewards)
+    from ddrl_scale.rewards.base import available_rewards
+
+    for index, reward in enumerate(config.rewards):
+        _check(reward.name in available_rewards(), f"rewards.{index}.name",
+               f"a registered reward, one of {available_rewards()}", reward.name)

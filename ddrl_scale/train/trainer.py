@@ -25,6 +25,7 @@ from ddrl_scale.algo.noise import CAPTION_DROP, data_term_draws, keyed_normal
 from ddrl_scale.algo.schedules import add_noise, sigma_schedule
 from ddrl_scale.algo.steps import step_plan
 from ddrl_scale.config import ConfigError, RunConfig, save_config
+from ddrl_scale.config.schema import check_run_plan
 from ddrl_scale.data.anchor import AnchorBatch
 from ddrl_scale.data.sharded import build_loader, gather_state
 from ddrl_scale.models import build_model, build_text_encoder, build_vae
@@ -96,6 +97,7 @@ class Trainer:
         self.world = world or init_world(config.run.device, config.parallel.timeout_s)
         self.device = self.world.device
         # every rank reads the step's global prompt batch and keeps its own contiguous share
+        check_run_plan(config, self.world.world_size)  # named errors before anything is built
         self.model_parallel = config.parallel.cp * config.parallel.tp
         self.prompt_slice = local_slice(config.algo.prompts_per_step, self.world, self.model_parallel,
                                         "algo.prompts_per_step")
