@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import io
 import logging
+import tarfile
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import webdataset as wds
 
 from ddrl_scale.data.anchor import AnchorLoader
@@ -173,3 +175,57 @@ def test_resolve_shards_errors_name_the_path(tmp_path):
     (tmp_path / "s-000000.tar").write_bytes(b"")
     with pytest.raises(FileNotFoundError, match="s-000001.tar"):
         resolve_shards(str(tmp_path / "s-{000000..000001}.tar"))
+
+
+# -- the same per-sample checks as the sharded loader ---------------------------------------------------
+LATENT_SHAPE = (3, 2, 4, 4)
+
+
+def _latent_shards(root: Path) -> list[str]:
+    """Shard 0: good, wrong-shape, NaN, caption-less, good latents; shard 1: four good samples, the
+    file cut inside its third sample (a truncated tar)."""
+    from ddrl_scale.data import latent_shards as fmt
+
+    root.mkdir(parents=True)
+    samples = {"a0": LATENT_SHAPE, "a1": (3, 2, 4, 8), "a2": "nan", "a3": "nocaption", "a4": LATENT_SHAPE}
+    with tarfile.open(root / "s-0000.tar", "w") as tar:
+        for key, kind in samples.items():
+            latents = torch.full(kind if isinstance(kind, tuple) else LATENT_SHAPE, 0.5, dtype=torch.float16)
+            if kind == "nan":
+                latents[0, 0, 0, 0] = float("nan")
+            members = fmt.encode_latents(latents, None, "safetensors")
+            if kind != "nocaption":
+                members["txt"] = f"caption {key}".encode()
+            fmt.add_sample(tar, key, members)
+    with tarfile.open(root / "s-0001.tar", "w") as tar:
+        for index in range(4):
+            members = fmt.encode_latents(torch.zeros(LATENT_SHAPE, dtype=torch.float16), None, "safetensors")
+            fmt.add_sample(tar, f"b{index}", {**members, "txt": b"caption"})
+    with tarfile.open(root / "s-0001.tar") as tar:
+        cut = next(m for m in tar.getmembers() if m.name.startswith("b2."))
+    with open(root / "s-0001.tar", "r+b") as handle:
+        handle.truncate(cut.offset_data + cut.size // 2)
+    return [str(root / "s-0000.tar"), str(root / "s-0001.tar")]
+
+
+def test_replicated_loader_skips_bad_samples_as_the_sharded_loader_does(tmp_path, caplog):
+    """Wrong shape, NaN, no caption, a truncated tar: skipped, counted and named by shard and key,
+    the same samples and reasons as the sharded loader (both with buckets); the replicated loader
+    also refuses latents of another shape than the run's with no buckets given."""
+    from ddrl_scale.data.sharded import ShardedAnchorLoader
+
+    paths = _latent_shards(tmp_path / "shards")
+    bad = {("a1", paths[0]), ("a2", paths[0]), ("a3", paths[0]), ("b2", paths[1])}
+    good = {"a0", "a4", "b0", "b1"}
+    for loader in (AnchorLoader(paths, 1, seed=0, shuffle_buffer=1, buckets=[LATENT_SHAPE]),
+                   AnchorLoader(paths, 1, seed=0, shuffle_buffer=1, latent_shape=LATENT_SHAPE),
+                   ShardedAnchorLoader(paths, 1, seed=0, buckets=[LATENT_SHAPE])):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING):
+            keys = [loader.next_batch().keys[0] for _ in range(5)]  # the 5th from the next epoch
+        assert set(keys[:4]) == good and loader.skipped >= len(bad), type(loader).__name__
+        for key, shard in bad:
+            assert f"skipping sample '{key}' of shard '{shard}'" in caplog.text, (key, caplog.text)
+        for reason in ("NaN or infinite", "no caption member", "unreadable tar data"):
+            assert reason in caplog.text, reason
+        assert "[3, 2, 4, 8]" in caplog.text

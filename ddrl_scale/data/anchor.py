@@ -3,12 +3,15 @@
 Reads the WebDataset shards of `data/shards.py` in a deterministic order per (seed, epoch) with a
 seeded shuffle buffer, forever, epoch after epoch. Its position (epoch, samples taken in the epoch)
 is saved in checkpoints; a restored loader replays the epoch's order and continues after the last
-sample it gave. Unreadable samples are skipped, logged with shard and key, and counted.
+sample it gave. Every sample is checked by the sharded loader's checker (`sharded_split.check_sample`:
+readable tar data, a decodable finite tensor, a caption, the shape of its index entry and of
+`buckets` when given), and stored latents must have the run's `latent_shape` (a batch is one
+tensor); bad samples, and the rest of a truncated shard, are skipped, logged with shard and key,
+and counted, as in the sharded loader.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import random
 from collections.abc import Callable, Iterator
@@ -16,9 +19,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import webdataset as wds
 
-from ddrl_scale.data.latent_shards import decode_sample
+from ddrl_scale.data import latent_shards as fmt
 
 logger = logging.getLogger(__name__)
 
@@ -42,10 +44,23 @@ _Item = tuple[str, torch.Tensor, str, bool, torch.Tensor | None]
 
 class AnchorLoader:
     def __init__(self, shards: list[str], batch_size: int, seed: int = 0, shuffle_buffer: int = 256,
-                 encode: Callable[[torch.Tensor], torch.Tensor] | None = None):
+                 encode: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                 latent_shape: tuple[int, ...] | None = None,
+                 buckets: list[tuple[int, ...]] | None = None, index: str | None = None):
+        """latent_shape: the (C, T, H, W) stored latents must have (None: not checked); buckets:
+        allowed stored shapes (None: any); index: an index.json whose per-sample entries each
+        sample is checked against (default: one beside local shards, if there is one)."""
         if not shards:
             raise ValueError("AnchorLoader needs at least one shard")
         self.shards, self.batch_size, self.seed = list(shards), batch_size, seed
+        self.latent_shape = tuple(latent_shape) if latent_shape is not None else None
+        self.buckets = {tuple(int(s) for s in shape) for shape in buckets} if buckets else None
+        index_url = index or fmt.index_url_beside(self.shards)
+        self.sidecars, self.shard_position = None, {url: i for i, url in enumerate(self.shards)}
+        if index_url:
+            from ddrl_scale.data.sharded_split import _Sidecars
+
+            self.sidecars = _Sidecars(fmt.shard_entries(self.shards, index_url))
         self.shuffle_buffer = max(1, shuffle_buffer)
         self.encode = encode or (lambda videos: videos)
         self.epoch, self.position = 0, 0  # samples already given in the current epoch
@@ -68,31 +83,36 @@ class AnchorLoader:
         self.skipped_before_epoch, self.skipped_this_epoch = int(state["skipped_before_epoch"]), 0
         self._stream = None
 
-    def _decode(self, sample: dict) -> _Item | None:
+    def _decode(self, url: str, raw: fmt.RawSample) -> _Item | None:
         """(key, video float (C, T, H, W), caption, is_pixels, caption embeddings or None): demo
         pixels (uint8 -> [0, 1]) or latents (and embeddings) that `ddrl data prepare` wrote
-        (safetensors or npy), read without pickle."""
-        key, url = sample.get("__key__", "?"), sample.get("__url__", "?")
-        try:
-            decoded = decode_sample(key, {k: v for k, v in sample.items() if not k.startswith("__")})
-            json.loads(sample.get("json", b"{}"))
-            video = decoded.tensor.float() / 255.0 if decoded.is_pixels else decoded.tensor.float()
-        except Exception as error:  # any malformed sample is skipped, never fatal
+        (safetensors or npy), read without pickle; None for a bad sample (skipped and counted)."""
+        from ddrl_scale.data.sharded_split import check_sample
+
+        position = self.shard_position.get(url)
+        decoded, error = check_sample(
+            raw, lambda: None if self.sidecars is None else self.sidecars.get(position), self.buckets)
+        if decoded is not None and not decoded.is_pixels and self.latent_shape is not None \
+                and tuple(decoded.tensor.shape) != self.latent_shape:
+            decoded, error = None, (f"latents of shape {list(decoded.tensor.shape)}, the run's is "
+                                    f"{list(self.latent_shape)} (video.channels, num_frames, height, width)")
+        if decoded is None:
             self.skipped_this_epoch += 1
-            logger.warning("skipping sample '%s' of shard '%s': %s", key, url, error)
+            logger.warning("skipping sample '%s' of shard '%s': %s", raw.key, url, error)
             return None
+        video = decoded.tensor.float() / 255.0 if decoded.is_pixels else decoded.tensor.float()
         text = None if decoded.text is None else decoded.text.float()
-        return key, video, decoded.caption, decoded.is_pixels, text
+        return raw.key, video, decoded.caption, decoded.is_pixels, text
 
     def _epoch_samples(self, epoch: int) -> Iterator[_Item]:
         rng = random.Random(self.seed * 1_000_003 + epoch)
         order = self.shards[:]
         rng.shuffle(order)
-        dataset = wds.WebDataset(order, shardshuffle=False, empty_check=False,
-                                 nodesplitter=None, workersplitter=None, handler=wds.warn_and_continue)
+        # a read error (truncated or corrupt tar) is one bad sample, then the shard's end
+        raws = ((url, raw) for url in order for raw in fmt.iter_shard(url))
         buffer: list = []
-        for sample in dataset:
-            decoded = self._decode(sample)
+        for url, raw in raws:
+            decoded = self._decode(url, raw)
             if decoded is None:
                 continue
             buffer.append(decoded)

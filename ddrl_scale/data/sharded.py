@@ -402,19 +402,23 @@ def build_loader(shards: str | list[str], global_batch_size: int, *, split: str 
                  seed: int = 0, rank: int = 0, world_size: int = 1, num_workers: int = 0,
                  prefetch: int = 16, shuffle_buffer: int = 256, buckets: list[list[int]] | None = None,
                  index: str = "", encode: Callable[[torch.Tensor], torch.Tensor] | None = None,
-                 latents_dtype: torch.dtype | None = torch.float32) -> AnchorLoader | ShardedAnchorLoader:
+                 latents_dtype: torch.dtype | None = torch.float32,
+                 latent_shape: tuple[int, ...] | None = None) -> AnchorLoader | ShardedAnchorLoader:
     """The anchor loader a DataSection asks for.
 
     split="replicated": `AnchorLoader` (every rank reads the global batch; the trainer keeps its
     slice). split="sharded": `ShardedAnchorLoader` of this data-parallel rank, whose batches are
     already the local share (global_batch_size / world_size samples); `shuffle_buffer` becomes its
     shuffle window. `shards` is a spec string (folder, glob, brace pattern, URLs) or a URL list.
+    Both check every sample against `index` and `buckets`; the replicated loader also checks stored
+    latents against `latent_shape` (its batch is one tensor).
     """
     from ddrl_scale.data.shards import resolve_shards
 
     urls = resolve_shards(shards) if isinstance(shards, str) else list(shards)
     if split == "replicated":
-        return AnchorLoader(urls, global_batch_size, seed, shuffle_buffer, encode)
+        return AnchorLoader(urls, global_batch_size, seed, shuffle_buffer, encode, latent_shape,
+                            [tuple(shape) for shape in buckets] if buckets else None, index or None)
     if split != "sharded":
         raise ValueError(f"data.split: expected replicated|sharded, got {split!r}")
     if global_batch_size % world_size:

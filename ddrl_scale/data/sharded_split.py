@@ -12,7 +12,7 @@ uninterrupted one, and it runs the same in a worker process or inline. The rule 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -142,6 +142,15 @@ def _listed_key(listed: list[dict] | None, index: int) -> str:
 
 def _decode(spec: _StreamSpec, shard: int, raw: fmt.RawSample, sidecars: _Sidecars) -> tuple:
     """(sample or None, error or None) with the index and bucket checks."""
+    return check_sample(raw, lambda: sidecars.get(shard), spec.buckets)
+
+
+def check_sample(raw: fmt.RawSample, listed: Callable[[], list[dict] | None],
+                 buckets: set[tuple[int, ...]] | None) -> tuple[fmt.Sample | None, str | None]:
+    """(sample, None) for a good sample, (None, reason) for a bad one: a read error, an undecodable
+    or non-finite tensor, no caption (`decode_sample`), a shape that differs from the shard's index
+    entry (`listed()`: the sidecar's samples, None without an index) or is not in `buckets`. Both
+    anchor loaders check every sample with it."""
     if raw.error is not None:
         return None, raw.error
     try:
@@ -149,15 +158,15 @@ def _decode(spec: _StreamSpec, shard: int, raw: fmt.RawSample, sidecars: _Sideca
     except fmt.ShardFormatError as error:
         return None, str(error)
     shape = tuple(sample.tensor.shape)
-    listed = sidecars.get(shard)
+    listed = listed()
     if listed is not None:
         if raw.index >= len(listed) or listed[raw.index]["key"] != raw.key:
             return None, "sample does not match the index (key or position differs)"
         expected = listed[raw.index]
         if list(shape) != list(expected["shape"]):
             return None, f"shape {list(shape)} differs from the index's {expected['shape']}"
-    if spec.buckets is not None and shape not in spec.buckets:
-        return None, f"shape {list(shape)} is not one of the configured buckets {sorted(spec.buckets)}"
+    if buckets is not None and shape not in buckets:
+        return None, f"shape {list(shape)} is not one of the configured buckets {sorted(buckets)}"
     return sample, None
 
 

@@ -122,7 +122,9 @@ class Trainer:
             world_size=self.world.world_size // self.model_parallel, num_workers=data.num_workers,
             prefetch=data.prefetch, shuffle_buffer=data.shuffle_buffer, buckets=data.buckets or None,
             index=data.index, encode=self.vae.encode,
-            latents_dtype=torch.float32 if data.latents_dtype == "fp32" else None)
+            latents_dtype=torch.float32 if data.latents_dtype == "fp32" else None,
+            latent_shape=(config.video.channels, config.video.num_frames, config.video.height,
+                          config.video.width))
         self.sharded_data = data.split == "sharded"
         self.sigmas = sigma_schedule(config.sampler.num_steps, config.sampler.shift)
         video = config.video
