@@ -8,6 +8,7 @@ import os
 import queue
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -145,6 +146,10 @@ def _body(videos: torch.Tensor, metadata: dict[str, str]) -> bytes:
                {"format": rs.REQUEST_FORMAT, "prompts": '["a"]'}), "dtype must be"),
         (_body(torch.full((1, 3, 2, 4, 4), float("nan")),
                {"format": rs.REQUEST_FORMAT, "prompts": '["a"]'}), "NaN"),
+        (_body(torch.full((1, 3, 2, 4, 4), 1.5), {"format": rs.REQUEST_FORMAT, "prompts": '["a"]'}),
+         "values must lie in [0, 1] (pixels), got min 1.5, max 1.5"),
+        (_body(torch.full((1, 3, 2, 4, 4), -0.25, dtype=torch.float16),
+               {"format": rs.REQUEST_FORMAT, "prompts": '["a"]'}), "must lie in [0, 1]"),
     ],
 )
 def test_decode_rejects_bad_bodies(body, expected):
@@ -293,6 +298,53 @@ def test_bad_body_gets_400_with_the_reason(server):
     body = _body(torch.zeros(2, 3, 2, 4, 4), {"format": rs.REQUEST_FORMAT, "prompts": '["a"]'})
     with pytest.raises(rs.RewardServiceRequestError, match="HTTP 400.*got 2 videos but 1 prompts"):
         server.client(retries=3).score_encoded(body, 2)
+    body = _body(torch.full((1, 3, 2, 4, 4), 2.0), {"format": rs.REQUEST_FORMAT, "prompts": '["a"]'})
+    with pytest.raises(rs.RewardServiceRequestError, match=re.escape("HTTP 400") + ".*" +
+                       re.escape("values must lie in [0, 1]")):
+        server.client(retries=3).score_encoded(body, 1)
+
+
+def _raw_post(url: str, body: bytes, send_body: bool = True) -> socket.socket:
+    host, port = url.removeprefix("http://").split(":")
+    sock = socket.create_connection((host, int(port)), timeout=30)
+    head = (f"POST {rs.SCORE_PATH} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n").encode()
+    sock.sendall(head + (body if send_body else b""))
+    return sock
+
+
+def _status(sock: socket.socket) -> int:
+    answer = b""
+    while b"\r\n" not in answer:
+        chunk = sock.recv(4096)
+        if not chunk:
+            break
+        answer += chunk
+    return int(answer.split()[1]) if answer else 0
+
+
+def test_connections_are_bounded_and_requests_must_arrive_in_time():
+    """--max-connections 2: two clients that send headers but never their body hold both slots; a
+    third client gets 503 at once; after --request-timeout-s the two get 408 and valid requests are
+    answered again (the client retries 503 with backoff)."""
+    running = _start_server("--max-connections", "2", "--request-timeout-s", "2")
+    try:
+        videos, prompts = _videos(1)
+        body = rs.encode_request(videos, prompts, "float32")
+        stalled = [_raw_post(running.url, body, send_body=False) for _ in range(2)]
+        time.sleep(0.5)  # both reach their handler threads (a health check would need a slot too)
+        extra = [_raw_post(running.url, body) for _ in range(3)]  # more clients than the bound
+        assert [_status(sock) for sock in extra] == [503, 503, 503]
+        assert [_status(sock) for sock in stalled] == [408, 408]
+        for sock in stalled + extra:
+            sock.close()
+        scores = running.client(retries=5, backoff_s=0.2, wire_dtype="float32").score(videos, prompts)
+        torch.testing.assert_close(scores, build_reward("caption_alignment")(videos, prompts),
+                                   atol=ATOL, rtol=0)
+        assert running.stats()["refused_busy"] >= 3
+    finally:
+        running.stop()
+
 
 
 def test_remote_reward_in_weighted_rewards_and_async(server, monkeypatch):

@@ -36,6 +36,10 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                         help="largest request body in MiB (413 beyond)")
     parser.add_argument("--drain-timeout-s", type=float, default=30.0,
                         help="on SIGTERM/SIGINT, how long to let requests in progress finish")
+    parser.add_argument("--max-connections", type=int, default=64,
+                        help="connections held at once, one thread each (503 beyond)")
+    parser.add_argument("--request-timeout-s", type=float, default=60.0,
+                        help="time a request (headers and body) may take to arrive (408 beyond)")
 
 
 def settings_from_args(args: argparse.Namespace) -> ServiceSettings:
@@ -52,7 +56,8 @@ def settings_from_args(args: argparse.Namespace) -> ServiceSettings:
     return ServiceSettings(reward=args.reward, reward_kwargs=kwargs, token=token, host=args.host,
                            port=args.port, device=args.device, max_batch=args.max_batch,
                            batch_window_ms=args.batch_window_ms, max_request_mb=args.max_request_mb,
-                           drain_timeout_s=args.drain_timeout_s)
+                           drain_timeout_s=args.drain_timeout_s, max_connections=args.max_connections,
+                           request_timeout_s=args.request_timeout_s)
 
 
 def run_from_args(args: argparse.Namespace) -> None:

@@ -2,7 +2,10 @@
 
 Security: the server binds 127.0.0.1 unless told otherwise, refuses to start without a
 shared-secret token (from a file or an environment variable, so it does not show in ``ps``) and
-compares tokens in constant time. Traffic is plain HTTP: across machines, keep it on a trusted
+compares tokens in constant time. It holds at most ``max_connections`` connections (one thread
+each; a connection beyond that gets 503 at once) and a request must arrive whole within
+``request_timeout_s`` (else 408), so slow or idle clients cannot pile up threads.
+Traffic is plain HTTP: across machines, keep it on a trusted
 network or behind a TLS proxy (the client accepts ``https://`` URLs).
 """
 
@@ -14,6 +17,7 @@ import importlib
 import ipaddress
 import json
 import logging
+import queue
 import signal
 import socket
 import threading
@@ -92,6 +96,24 @@ class _Handler(BaseHTTPRequestHandler):
             return
         self._reply(200, self.server.health())
 
+    def setup(self) -> None:
+        super().setup()
+        # the whole request (headers and body) must arrive by this deadline: a client that sends a
+        # byte now and then would otherwise hold its thread for `timeout` per byte
+        self.arrival_expired = False
+        self._watchdog = threading.Timer(self.server.request_timeout_s, self._arrival_deadline)
+        self._watchdog.daemon = True
+        self._watchdog.start()
+
+    def _arrival_deadline(self) -> None:
+        self.arrival_expired = True
+        with contextlib.suppress(OSError):
+            self.connection.shutdown(socket.SHUT_RD)  # the blocked read returns; replies still go out
+
+    def finish(self) -> None:
+        self._watchdog.cancel()
+        super().finish()
+
     def do_POST(self) -> None:
         with self.server.in_flight():
             self._score()
@@ -115,6 +137,13 @@ class _Handler(BaseHTTPRequestHandler):
                               f"{self.server.max_request_bytes} bytes (server option --max-request-mb)")
             return
         body = self.rfile.read(int(length))
+        self._watchdog.cancel()  # arrived (or cut off): scoring time is not arrival time
+        if self.arrival_expired:
+            self.close_connection = True
+            limit = self.server.request_timeout_s
+            self._reply(408, {"error": f"the request did not arrive within {limit:g} s (server "
+                                       f"option --request-timeout-s)"})
+            return
         try:
             if len(body) != int(length):
                 raise WireFormatError(f"body ended after {len(body)} of {length} bytes")
@@ -165,19 +194,53 @@ class _Handler(BaseHTTPRequestHandler):
 
 
 class RewardHTTPServer(ThreadingHTTPServer):
-    """One thread per connection; scoring goes through the shared ``RewardBatcher``."""
+    """One thread per connection, at most ``max_connections`` of them (503 beyond); scoring goes
+    through the shared ``RewardBatcher``."""
 
     daemon_threads = True
     request_queue_size = 64
 
     def __init__(self, address: tuple[str, int], batcher: RewardBatcher, token: str,
-                 max_request_bytes: int, description: str) -> None:
+                 max_request_bytes: int, description: str, max_connections: int = 64,
+                 request_timeout_s: float = 60.0) -> None:
         super().__init__(address, _Handler)
         self.batcher, self.max_request_bytes, self.description = batcher, max_request_bytes, description
+        self.max_connections, self.request_timeout_s = max_connections, request_timeout_s
+        self._slots = threading.BoundedSemaphore(max_connections)
+        # refusals waiting for their 503 (beyond these, a connection is closed without an answer)
+        self._busy: queue.Queue[socket.socket] = queue.Queue(maxsize=max(16, max_connections))
+        threading.Thread(target=self._answer_busy_connections, daemon=True).start()
         self._token = token.encode()
         self._lock = threading.Lock()
         self._in_flight = 0
-        self.counters = {"refused_token": 0, "refused_size": 0, "bad_requests": 0}
+        self.counters = {"refused_token": 0, "refused_size": 0, "bad_requests": 0, "refused_busy": 0}
+
+    def process_request(self, request: socket.socket, client_address: Any) -> None:
+        """Start the connection's thread if a slot is free; else answer 503 from here and close."""
+        if not self._slots.acquire(blocking=False):
+            self.count("refused_busy")
+            try:  # one thread answers them all, so refusals cannot pile up threads either
+                self._busy.put_nowait(request)
+            except queue.Full:
+                self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def _answer_busy_connections(self) -> None:
+        while True:
+            request = self._busy.get()
+            _answer_busy(request, self.max_connections)
+            self.shutdown_request(request)
+
+    def process_request_thread(self, request: socket.socket, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
 
     def token_matches(self, header: str) -> bool:
         scheme, _, given = header.partition(" ")
@@ -209,6 +272,7 @@ class RewardHTTPServer(ThreadingHTTPServer):
             counters = dict(self.counters, in_flight=self._in_flight)
         return {"status": "ok", "reward": self.description, "device": str(self.batcher.device),
                 "max_batch": self.batcher.max_batch, "max_request_bytes": self.max_request_bytes,
+                "max_connections": self.max_connections, "request_timeout_s": self.request_timeout_s,
                 "stats": {**self.batcher.snapshot(), **counters}}
 
 
@@ -226,6 +290,8 @@ class ServiceSettings:
     batch_window_ms: float = 10.0
     max_request_mb: float = 512.0
     drain_timeout_s: float = 30.0
+    max_connections: int = 64
+    request_timeout_s: float = 60.0
 
     def __post_init__(self) -> None:
         checks = [
@@ -234,6 +300,8 @@ class ServiceSettings:
             (self.batch_window_ms >= 0, "--batch-window-ms", ">= 0", self.batch_window_ms),
             (self.max_request_mb > 0, "--max-request-mb", "> 0", self.max_request_mb),
             (self.drain_timeout_s >= 0, "--drain-timeout-s", ">= 0", self.drain_timeout_s),
+            (self.max_connections >= 1, "--max-connections", ">= 1", self.max_connections),
+            (self.request_timeout_s > 0, "--request-timeout-s", "> 0", self.request_timeout_s),
         ]
         for ok, option, expected, value in checks:
             if not ok:
@@ -260,7 +328,8 @@ class RewardService:
         self.batcher = RewardBatcher(reward, device, settings.max_batch, settings.batch_window_ms / 1000)
         max_bytes = int(settings.max_request_mb * 2**20)
         self.httpd = RewardHTTPServer((settings.host, settings.port), self.batcher, settings.token,
-                                      max_bytes, settings.reward)
+                                      max_bytes, settings.reward, settings.max_connections,
+                                      settings.request_timeout_s)
         self.batcher.start()
         host, port = self.httpd.server_address[:2]
         self.url = f"http://{_url_host(str(host))}:{port}"
@@ -283,6 +352,22 @@ class RewardService:
                            self.httpd.busy(), timeout)
         self.batcher.stop(timeout=max(deadline - time.monotonic(), 0.1))
         self.httpd.server_close()
+
+
+def _answer_busy(request: socket.socket, max_connections: int) -> None:
+    """A complete 503 response, then what the client still sends is read and dropped for a moment
+    (as `_Handler._refuse` does), so that it reads the answer instead of a connection reset."""
+    data = json.dumps({"error": f"the reward service holds its maximum of {max_connections} "
+                                f"connections (server option --max-connections); retry later"}).encode()
+    head = (f"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(data)}\r\nRetry-After: 1\r\nConnection: close\r\n\r\n").encode()
+    with contextlib.suppress(OSError):
+        request.settimeout(0.5)
+        request.sendall(head + data)
+        request.shutdown(socket.SHUT_WR)
+        deadline = time.monotonic() + 1.0
+        while time.monotonic() < deadline and request.recv(1 << 16):
+            pass
 
 
 def _url_host(host: str) -> str:

@@ -6,9 +6,11 @@ No pickle anywhere:
   (``safetensors.torch.save``) with one tensor ``"videos"`` of shape ``(B, 3, T, H, W)`` and the
   metadata ``{"format": "ddrl-reward-request/1", "prompts": <JSON list of B strings>}``;
 * answer ``200 {"scores": [B floats]}``, or an error status with ``{"error": message}``: 400 bad
-  body, 401 missing or wrong token, 404 unknown path, 411 no Content-Length, 413 body over the
-  limit (checked from Content-Length before the body is read), 422 the reward refused the input
-  (``ValueError``/``TypeError``), 500 the reward failed otherwise, 503 shutting down;
+  body (pixel values outside [0, 1] included), 401 missing or wrong token, 404 unknown path, 408
+  the request did not arrive within the server's time limit, 411 no Content-Length, 413 body over
+  the limit (checked from Content-Length before the body is read), 422 the reward refused the
+  input (``ValueError``/``TypeError``), 500 the reward failed otherwise, 503 shutting down or all
+  connection slots taken (``--max-connections``);
 * ``GET /health`` (no token): the reward, limits and counters (requests scored, reward calls
   ("batches"), largest batch, refusals, requests in progress).
 
@@ -134,8 +136,13 @@ def decode_request(body: bytes) -> tuple[torch.Tensor, list[str]]:
         )
     if len(prompts) != videos.shape[0]:
         raise WireFormatError(f"got {videos.shape[0]} videos but {len(prompts)} prompts")
-    if videos.is_floating_point() and not bool(torch.isfinite(videos).all()):
-        raise WireFormatError("'videos' contains NaN or infinite values")
+    if videos.is_floating_point():
+        if not bool(torch.isfinite(videos).all()):
+            raise WireFormatError("'videos' contains NaN or infinite values")
+        low, high = float(videos.min()), float(videos.max())
+        if low < 0.0 or high > 1.0:
+            raise WireFormatError(f"'videos' values must lie in [0, 1] (pixels), got min {low:.6g}, "
+                                  f"max {high:.6g}")
     return videos, prompts
 
 
