@@ -81,13 +81,15 @@ class Trajectory:
 
     states: (S + 1, B, ...) x_0 = initial noise ... x_S = final sample; means: (S, B, ...) mean of
     each SDE transition when recorded (else None: as large as the states, and training recomputes
-    them); log_probs: (S, B) behaviour log-probs; sigmas: (S + 1,) float64 schedule.
+    them); log_probs: (S, B) behaviour log-probs; sigmas: (S + 1,) float64 noise level (flow time)
+    of each state: the schedule, or for edm_ab2 the churned levels.
     """
 
     states: torch.Tensor
     means: torch.Tensor | None
     log_probs: torch.Tensor | None
     sigmas: torch.Tensor
+    x0_preds: torch.Tensor | None = None  # (S, B, ...) sampler.kind=edm_ab2: each state's x0 prediction
 
     @property
     def final(self) -> torch.Tensor:

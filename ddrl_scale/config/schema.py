@@ -131,13 +131,28 @@ class SamplerSection:
     num_steps: int = 10
     shift: float = 1.0  # timestep shift s: t' = s t / (1 + (s - 1) t)
     noise_level: float = 0.7  # Flow-GRPO SDE noise level a
-    kind: str = "sde"  # sde | ode (rollouts need sde: the policy gradient needs log-probs)
+    # rollouts: sde (Flow-GRPO's SDE) | edm_ab2 (the authors' release: EDM churn + Adams-Bashforth,
+    # algo/edm.py); ode has no log-probs (evaluation only)
+    kind: str = "sde"
+    # edm_ab2 (the release's defaults, cosmos_rl/policy/config/wfm): churn, its noise and range
+    s_churn: float = 1.0
+    s_noise: float = 1.0
+    s_t_min: float = 0.0
+    s_t_max: float = 1.0e30
+    edm_sigma_min: float = 0.002
+    edm_sigma_max: float = 80.0
+    edm_rho: float = 7.0
 
     def __post_init__(self) -> None:
         _check(self.num_steps >= 1, "sampler.num_steps", ">= 1", self.num_steps)
         _check(self.shift > 0, "sampler.shift", "> 0", self.shift)
         _check(self.noise_level > 0, "sampler.noise_level", "> 0", self.noise_level)
-        _check(self.kind in ("sde", "ode"), "sampler.kind", "sde|ode", self.kind)
+        _check(self.kind in ("sde", "ode", "edm_ab2"), "sampler.kind", "sde|ode|edm_ab2", self.kind)
+        for key in ("s_churn", "s_noise", "s_t_min"):
+            _check(getattr(self, key) >= 0, f"sampler.{key}", ">= 0", getattr(self, key))
+        _check(0 < self.edm_sigma_min < self.edm_sigma_max, "sampler.edm_sigma_min",
+               f"0 < edm_sigma_min < edm_sigma_max = {self.edm_sigma_max}", self.edm_sigma_min)
+        _check(self.edm_rho > 0, "sampler.edm_rho", "> 0", self.edm_rho)
 
 
 @dataclass
@@ -419,6 +434,13 @@ class RunConfig:
         _check(self.rollout.tp_size == 1 or self.model.kind == "dit", "rollout.tp_size",
                "1 unless model.kind=dit (tensor-parallel rollout copies are built for the VideoDiT)",
                self.rollout.tp_size)
+        if self.sampler.kind == "edm_ab2":  # what the release sampler is built for so far
+            _check(self.rollout.mode == "colocated", "rollout.mode",
+                   "colocated with sampler.kind=edm_ab2 (its x0 predictions are not sent by rollout "
+                   "ranks yet)", self.rollout.mode)
+            _check(self.algo.kl_beta == 0, "algo.kl_beta",
+                   "0 with sampler.kind=edm_ab2 (the release recipe has no KL term)", self.algo.kl_beta)
+
 
 def check_run_plan(config: RunConfig, world_size: int) -> None:
     """The checks that need the job's size, in one pass at start, before any model is built: the

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from ddrl_scale.algo.advantages import fill_invalid, group_advantages
+from ddrl_scale.algo.edm import sample_edm_ab2, schedule_from
 from ddrl_scale.algo.noise import ROLLOUT_INIT, ROLLOUT_STEP, keyed_normal
 from ddrl_scale.algo.samplers import Trajectory, sample
 from ddrl_scale.config.schema import AlgoSection, SamplerSection
@@ -67,11 +68,16 @@ def sample_rollouts(
     text = encode_text(expanded)
     noise = initial_noise(indices, group_size, latent_shape, algo.same_noise_per_group, seed, step,
                           device)
-    trajectory = sample(
-        lambda x, sigma: velocity(x, sigma, text), noise, sigmas, kind="sde",
-        noise_level=sampler.noise_level,
-        step_noise=lambda i: keyed_normal(latent_shape, indices, seed, ROLLOUT_STEP, step, i,
-                                          device=device), log_prob_fn=log_prob_fn)
+    def step_noise(i: int) -> torch.Tensor:
+        return keyed_normal(latent_shape, indices, seed, ROLLOUT_STEP, step, i, device=device)
+
+    if sampler.kind == "edm_ab2":  # the release sampler; the first state's churn is draw S
+        trajectory = sample_edm_ab2(lambda x, t: velocity(x, t, text), noise, schedule_from(sampler),
+                                    sampler.s_noise, step_noise, churn_noise=step_noise(len(sigmas) - 1))
+    else:
+        trajectory = sample(lambda x, sigma: velocity(x, sigma, text), noise, sigmas, kind="sde",
+                            noise_level=sampler.noise_level, step_noise=step_noise,
+                            log_prob_fn=log_prob_fn)
     return expanded, text, trajectory
 
 

@@ -27,7 +27,8 @@ def ddrl_iteration_flops(config: RunConfig, model_config=None) -> dict[str, floa
     trained = len(plan.steps)
     reference = trained * samples * forward if settings.kl_beta > 0 else 0.0
     return {
-        "rollout": samples * steps * forward,
+        # edm_ab2 predicts the clean sample with one forward more (the release's sample_clean)
+        "rollout": samples * (steps + (config.sampler.kind == "edm_ab2")) * forward,
         "policy": trained * samples * 3.0 * forward + reference,
         "data": plan.data_forwards * plan.data_samples * 3.0 * forward,
     }

@@ -20,6 +20,7 @@ import torch
 from tqdm import tqdm
 
 from ddrl_scale import algo, kernels
+from ddrl_scale.algo.edm import edm_training_log_prob, schedule_from
 from ddrl_scale.algo.losses import data_loss_weight, kl_penalty, policy_log_ratio
 from ddrl_scale.algo.noise import CAPTION_DROP, data_term_draws, keyed_normal
 from ddrl_scale.algo.schedules import add_noise, sigma_schedule
@@ -127,6 +128,7 @@ class Trainer:
                           config.video.width))
         self.sharded_data = data.split == "sharded"
         self.sigmas = sigma_schedule(config.sampler.num_steps, config.sampler.shift)
+        self.edm_schedule = schedule_from(config.sampler) if config.sampler.kind == "edm_ab2" else None
         video = config.video
         self.latent_shape = (video.channels, video.num_frames, video.height, video.width)
         self.step = 0
@@ -213,7 +215,8 @@ class Trainer:
         if settings.data_reuse_rollout_noise:
             noise = rollouts.trajectory.initial_noise
             noise = noise if release else noise[:: settings.group_size]
-            sigma = torch.full((x0.shape[0],), float(self.sigmas[index]), device=self.device)
+            sigma = torch.full((x0.shape[0],), float(rollouts.trajectory.sigmas[index]),
+                               device=self.device)
         else:
             items = list(range(self.prompt_slice.start, self.prompt_slice.start + x0.shape[0]))
             noise, sigma = data_term_draws(x0.shape[1:], items, self.config.run.seed, self.step,
@@ -232,13 +235,17 @@ class Trainer:
         plan, totals = self.step_plan(), {}
         steps = plan.steps
         for position, index in enumerate(steps):
-            x, sigma = trajectory.states[index], float(self.sigmas[index])
-            sigma_next = float(self.sigmas[index + 1])
+            # each state's own noise level (the schedule, or edm_ab2's churned levels)
+            x, sigma = trajectory.states[index], float(trajectory.sigmas[index])
+            sigma_next = float(trajectory.sigmas[index + 1])
             with self.timer.phase("forward"):
                 v = self.engine.forward(x, torch.full((x.shape[0],), sigma, device=self.device),
                                         rollouts.text)
             kl, noise_level = None, self.config.sampler.noise_level
-            if self.reference is None:  # the fused log-prob; the same kernel scored the rollout
+            if self.edm_schedule is not None:  # the release sampler's transition, as it scored it
+                log_prob, _, std = edm_training_log_prob(v, trajectory, index, self.edm_schedule,
+                                                         self.config.sampler.s_noise)
+            elif self.reference is None:  # the fused log-prob; the same kernel scored the rollout
                 log_prob, std = kernels.sde_log_prob(v, x, trajectory.states[index + 1], sigma, sigma_next,
                                                      noise_level, backend=self.kernel_backend,
                                                      return_std=True)
