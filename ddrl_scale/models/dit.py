@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from ddrl_scale.models.attention import attention
-from ddrl_scale.models.rope import apply_rope, rope_angles
+from ddrl_scale.models.rope import Fp32Buffers, apply_rope, rope_angles
 from ddrl_scale.runtime import upcast
 
 
@@ -133,7 +133,7 @@ class DiTBlock(nn.Module):
         return x + gate2[:, None] * self.mlp(modulate(self.norm3(x), shift2, scale2))
 
 
-class VideoDiT(nn.Module):
+class VideoDiT(Fp32Buffers):
     def __init__(self, config: DiTConfig):
         super().__init__()
         self.config = config
@@ -150,6 +150,9 @@ class VideoDiT(nn.Module):
         self.register_buffer("rope", rope_angles(config.grid, dim // config.num_heads),
                              persistent=False)
         self.reset_parameters()
+
+    def fp32_buffers(self):
+        yield self, "rope"  # rotary angles: bf16 would move every token (models/rope.py)
 
     def reset_parameters(self) -> None:
         for module in self.modules():
@@ -185,7 +188,9 @@ class VideoDiT(nn.Module):
         expected = (self.config.in_channels, self.config.num_frames, self.config.height, self.config.width)
         if tuple(latents.shape[1:]) != expected:
             raise ValueError(f"VideoDiT expects latents (B, {expected}), got {tuple(latents.shape)}")
-        x = self.patch_embed(self.patchify(latents))
+        # to the parameters' dtype here, not by FSDP2's input cast, which would also round sigma and
+        # the rotary angles to bf16 (parallel/parallelize.py); a no-op in fp32 and under autocast
+        x = self.patch_embed(self.patchify(latents).to(self.patch_embed.weight.dtype))
         condition = self.time_embed(timestep_embedding(sigma, self.config.hidden_size).to(x.dtype))
         context = self.text_embed(text.to(x.dtype))
         for block in self.blocks:

@@ -1,11 +1,19 @@
 """3D rotary position embedding over (frames, height, width) video tokens, for the DiT's self-attention.
 
 The head dimension is split into three even parts, one per axis; each part rotates by its axis index.
+
+The angles stay fp32 whatever precision the model computes in: in bf16 an angle of a Wan-size grid
+is off by up to ~0.1 rad, which moves every token. `Fp32Buffers` keeps such buffers fp32 through a
+module-wide half-precision cast (`model.bfloat16()`, `model.half()`); parallel/parallelize.py keeps
+FSDP2 from casting them as forward inputs of the blocks.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+
 import torch
+from torch import nn
 
 from ddrl_scale.runtime import upcast
 
@@ -41,3 +49,27 @@ def apply_rope(x: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
     first, second = pairs[..., 0], pairs[..., 1]
     rotated = torch.stack((first * cos - second * sin, first * sin + second * cos), dim=-1)
     return rotated.flatten(-2).type_as(x)
+
+
+def _is_half(dtype: torch.dtype) -> bool:
+    return dtype.is_floating_point and torch.finfo(dtype).bits < 32
+
+
+class Fp32Buffers(nn.Module):
+    """A module whose `fp32_buffers()` keep their dtype when the module is cast to bf16 / fp16.
+
+    Device moves and upcasts (`.double()` for reference checks) apply to them as to any buffer."""
+
+    def fp32_buffers(self) -> Iterator[tuple[nn.Module, str]]:
+        """(owner module, buffer name) of every buffer to keep in fp32."""
+        return iter(())
+
+    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True):
+        kept = [(owner, name, owner._buffers[name]) for owner, name in self.fp32_buffers()
+                if owner._buffers.get(name) is not None]
+        out = super()._apply(fn, recurse)
+        for owner, name, before in kept:
+            after = owner._buffers[name]
+            if after is not None and _is_half(after.dtype) and not _is_half(before.dtype):
+                owner._buffers[name] = before.to(after.device)
+        return out

@@ -35,6 +35,7 @@ import torch
 from torch import nn
 
 from ddrl_scale.config.schema import ConfigError
+from ddrl_scale.models.rope import Fp32Buffers
 
 logger = logging.getLogger(__name__)
 
@@ -122,7 +123,7 @@ class WanPolicyConfig:
         return cls(**values)
 
 
-class WanPolicy(nn.Module):
+class WanPolicy(Fp32Buffers):
     """A diffusers WanTransformer3DModel as a DDRL policy (velocity in our convention).
 
     Parameter names are the transformer's with a `transformer.` prefix; `export_state_dict()` gives
@@ -140,6 +141,14 @@ class WanPolicy(nn.Module):
         # parameter twice in state_dict()
         return self.transformer.blocks
 
+    def fp32_buffers(self):
+        # Wan's rotary tables (WanRotaryPosEmbed.freqs_cos / freqs_sin): diffusers keeps its `rope`
+        # module fp32 only when it loads with a torch_dtype, not through a later module cast
+        rope = getattr(self.transformer, "rope", None)
+        for name in ("freqs_cos", "freqs_sin"):
+            if rope is not None and name in rope._buffers:
+                yield rope, name
+
     def forward(self, latents: torch.Tensor, sigma: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
         """latents (B, C, T, H, W), sigma (B,) in [0, 1], text (B, L, text_dim) -> v = noise - x0."""
         config = self.config
@@ -151,6 +160,9 @@ class WanPolicy(nn.Module):
                              f"got {tuple(text.shape)}")
         # float timesteps in fp32: Wan's sinusoidal embedding of t in [0, 1000] needs the precision
         timestep = sigma.reshape(-1).float() * config.timestep_scale
+        # latents to the parameters' dtype here, not by FSDP2's input cast, which would also round
+        # the timestep and the rotary embeddings passed to each block (parallel/parallelize.py)
+        latents = latents.to(self.transformer.patch_embedding.weight.dtype)
         out = self.transformer(latents, timestep, text.to(latents.dtype), return_dict=False)[0]
         return out if config.velocity_sign == 1.0 else -out
 

@@ -3,6 +3,14 @@
 Backend and device follow the hardware (nccl + cuda:LOCAL_RANK on GPUs, gloo + cpu otherwise);
 every collective carries the configured timeout, and a failed or timed-out collective is re-raised
 with the rank and the operation named, so a multi-node hang ends with a message, not silence.
+
+Each backend communicates tensors of one device only (nccl: CUDA, gloo: CPU); a tensor made on the
+default device (the CPU) meets "no backend for device cpu" under nccl at the first step of a GPU
+run. So `collective(..., tensors=...)` checks the tensors it is given against the device the
+group's backend serves (`backend_device`) and names the operation, and every tensor that ddrl_scale
+hands to a collective is made on `World.device`. On a CPU test machine the two devices are one;
+tests/test_gpu_readiness.py runs the call sites with the default device set to "meta" so that a
+tensor made without `device=world.device` is caught there too.
 """
 
 from __future__ import annotations
@@ -10,7 +18,7 @@ from __future__ import annotations
 import datetime
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -60,8 +68,61 @@ def init_world(device_request: str = "auto", timeout_s: float = 600.0,
     return World(rank, world_size, local_rank, device)
 
 
-def collective(operation: str, function: Callable[[], T]) -> T:
-    """Run a collective; a failure (timeout, dead peer) becomes an error naming rank and operation."""
+Group = dist.ProcessGroup | None
+
+
+def backend_device(group: Group | object = None) -> torch.device | None:
+    """The device whose tensors the group's backend communicates (nccl: the current CUDA device,
+    gloo: the CPU); None for a backend that serves several or that this package does not know.
+    `group` may also be a bare backend object (the publish group of parallel/roles.py)."""
+    if group is None or isinstance(group, dist.ProcessGroup):
+        name = str(dist.get_backend(group))
+    else:
+        name = group.name()
+    name = name.lower()
+    if name == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    if name == "gloo":
+        return torch.device("cpu")
+    return None
+
+
+def check_devices(operation: str, tensors: Sequence[torch.Tensor], group: Group | object = None) -> None:
+    """Raise, naming the operation, if a tensor is not on the device the group's backend serves."""
+    expected = backend_device(group)
+    if expected is None:
+        return
+    for tensor in tensors:
+        device = tensor.device
+        if device.type != expected.type or (expected.index is not None and device.index != expected.index):
+            rank = dist.get_rank() if dist.is_initialized() else 0
+            raise RuntimeError(
+                f"rank {rank}: collective '{operation}' was given a tensor on {device}, but its "
+                f"process group's backend communicates {expected} tensors only; make the tensor "
+                f"on world.device (parallel/distributed.py)")
+
+
+def check_object_device(operation: str, world: World, group: Group = None) -> None:
+    """Object collectives (all_gather_object, ...) pickle into tensors on the current CUDA device
+    under nccl: that must be this rank's device (init_world sets it), or ranks would share a GPU."""
+    if backend_device(group) is None or backend_device(group).type != "cuda":
+        return
+    current = torch.cuda.current_device()
+    if world.device.type != "cuda" or world.device.index != current:
+        raise RuntimeError(f"rank {world.rank}: object collective '{operation}' under nccl runs on "
+                           f"the current CUDA device cuda:{current}, but this rank's device is "
+                           f"{world.device}; call torch.cuda.set_device(world.device) first "
+                           f"(init_world does)")
+
+
+def collective(operation: str, function: Callable[[], T], tensors: Sequence[torch.Tensor] = (),
+               group: Group | object = None) -> T:
+    """Run a collective; a failure (timeout, dead peer) becomes an error naming rank and operation.
+
+    `tensors`: the tensors it communicates, checked first against the device `group`'s backend
+    serves (see check_devices)."""
+    if tensors:
+        check_devices(operation, tensors, group)
     try:
         return function()
     except (RuntimeError, dist.DistBackendError) as error:
@@ -75,14 +136,18 @@ def reduce_metrics(metrics: dict[str, float], world: World) -> dict[str, float]:
     if not world.distributed:
         return metrics
     keys = sorted(metrics)
-    values = torch.tensor([float(metrics[key]) for key in keys], dtype=torch.float64)
+    # on world.device: under nccl a CPU tensor has no backend (issue 16)
+    values = torch.tensor([float(metrics[key]) for key in keys], dtype=torch.float64,
+                          device=world.device)
     maxima = values.clone()
-    collective("all_reduce(metrics)", lambda: dist.all_reduce(values, op=dist.ReduceOp.SUM))
-    collective("all_reduce(metrics max)", lambda: dist.all_reduce(maxima, op=dist.ReduceOp.MAX))
+    collective("all_reduce(metrics)", lambda: dist.all_reduce(values, op=dist.ReduceOp.SUM), [values])
+    collective("all_reduce(metrics max)", lambda: dist.all_reduce(maxima, op=dist.ReduceOp.MAX),
+               [maxima])
+    sums, peaks = values.tolist(), maxima.tolist()  # one device-to-host copy each
     out = {}
     for index, key in enumerate(keys):
         is_max = key.endswith("_max") or key.endswith("_max_dev")
-        out[key] = (maxima[index] if is_max else values[index] / world.world_size).item()
+        out[key] = peaks[index] if is_max else sums[index] / world.world_size
     return out
 
 

@@ -50,7 +50,9 @@ def _layer_classes() -> tuple[type, type]:
 
 
 def _parallel_linear(kind: str, plain: nn.Linear, config, tp_rank: int, tp_size: int) -> nn.Module:
-    """A Megatron column- or row-parallel layer holding this rank's shard of `plain`'s weights."""
+    """A Megatron column- or row-parallel layer holding this rank's shard of `plain`'s weights, on
+    `plain`'s device (Megatron allocates on the CPU or the current CUDA device: see
+    megatron_config)."""
     Column, Row = _layer_classes()
     common = dict(config=config, init_method=lambda weight: None, bias=plain.bias is not None,
                   skip_bias_add=False)
@@ -61,6 +63,8 @@ def _parallel_linear(kind: str, plain: nn.Linear, config, tp_rank: int, tp_size:
     else:
         layer = Row(plain.in_features, plain.out_features, input_is_parallel=True, **common)
         weight, bias = plain.weight.chunk(tp_size, dim=1)[tp_rank], plain.bias
+    # the model was moved to the engine's device before wrapping: the shard goes where it is
+    layer.to(device=plain.weight.device)
     with torch.no_grad():
         layer.weight.copy_(weight)
         if bias is not None:
@@ -70,34 +74,45 @@ def _parallel_linear(kind: str, plain: nn.Linear, config, tp_rank: int, tp_size:
     return layer
 
 
-def apply_tensor_parallel(model: nn.Module, tp_size: int) -> dict[str, int]:
-    """Swap the DiT's projections for Megatron TP layers; returns each parameter's split dim."""
-    from megatron.core import parallel_state
+def megatron_config(tp_size: int, device: torch.device, dtype: torch.dtype):
+    """The ModelParallelConfig of the TP layers for a model on `device`.
+
+    Megatron allocates a layer's weights on the CPU with `use_cpu_initialization`, else on
+    `torch.cuda.current_device()`; it must be the model's device, or a GPU run keeps its TP layers on
+    the CPU (issue 16). Weights are copied in from the plain layers, so Megatron initialises nothing."""
     from megatron.core.model_parallel_config import ModelParallelConfig
+
+    return ModelParallelConfig(
+        tensor_model_parallel_size=tp_size, use_cpu_initialization=device.type != "cuda",
+        gradient_accumulation_fusion=False, perform_initialization=False, params_dtype=dtype)
+
+
+def apply_tensor_parallel(model: nn.Module, tp_size: int) -> dict[str, int]:
+    """Swap the DiT's projections for Megatron TP layers (on the model's device); returns each
+    parameter's split dim."""
+    from megatron.core import parallel_state
 
     config = model.config
     if config.num_heads % tp_size or config.mlp_hidden % tp_size:
         raise ConfigError(f"parallel.tp={tp_size} must divide model.num_heads={config.num_heads} and "
                           f"the MLP width {config.mlp_hidden}")
-    megatron_config = ModelParallelConfig(
-        tensor_model_parallel_size=tp_size, use_cpu_initialization=True,
-        gradient_accumulation_fusion=False, perform_initialization=False,
-        params_dtype=next(model.parameters()).dtype)
+    first = next(model.parameters())
+    layer_config = megatron_config(tp_size, first.device, first.dtype)
     tp_rank = parallel_state.get_tensor_model_parallel_rank()
     for block in model.blocks:
         for attention in (block.self_attn, block.cross_attn):
             for name in ("query", "key", "value"):
                 setattr(attention, name, _parallel_linear("column", getattr(attention, name),
-                                                          megatron_config, tp_rank, tp_size))
-            attention.out = _parallel_linear("row", attention.out, megatron_config, tp_rank, tp_size)
+                                                          layer_config, tp_rank, tp_size))
+            attention.out = _parallel_linear("row", attention.out, layer_config, tp_rank, tp_size)
             attention.num_heads = config.num_heads // tp_size
             # the per-head QK norms are shared by all heads, but each rank sees only its own heads:
             # their gradients are partial sums, completed by an all-reduce over TP in step()
             for norm in (attention.query_norm, attention.key_norm):
                 for param in norm.parameters():
                     param.partial_over_tp = True
-        block.mlp[0] = _parallel_linear("column", block.mlp[0], megatron_config, tp_rank, tp_size)
-        block.mlp[2] = _parallel_linear("row", block.mlp[2], megatron_config, tp_rank, tp_size)
+        block.mlp[0] = _parallel_linear("column", block.mlp[0], layer_config, tp_rank, tp_size)
+        block.mlp[2] = _parallel_linear("row", block.mlp[2], layer_config, tp_rank, tp_size)
     split = {}
     for module_name, module in model.named_modules():
         for param_name, _ in module.named_parameters(recurse=False):
@@ -139,19 +154,23 @@ class MegatronEngine(TorchEngine):
         if self.dp_size > 1:
             for param in parameters:
                 collective("all_reduce(grad, dp)",
-                           lambda p=param: dist.all_reduce(p.grad, group=self.dp_group))
+                           lambda p=param: dist.all_reduce(p.grad, group=self.dp_group), [param.grad],
+                           self.dp_group)
                 param.grad.div_(self.dp_size)
         for param in parameters:
             if getattr(param, "partial_over_tp", False) and self.tp_size > 1:
                 collective("all_reduce(partial grad, tp)",
-                           lambda p=param: dist.all_reduce(p.grad, group=self.tp_group))
+                           lambda p=param: dist.all_reduce(p.grad, group=self.tp_group), [param.grad],
+                           self.tp_group)
         names = {id(p): name for name, p in self.model.named_parameters()}
         split_sq = sum((p.grad.float() ** 2).sum() for p in parameters
                        if self.split_dims[names[id(p)]] != REPLICATED)
         replicated_sq = sum((p.grad.float() ** 2).sum() for p in parameters
                             if self.split_dims[names[id(p)]] == REPLICATED)
-        split_sq = torch.as_tensor(split_sq, dtype=torch.float32)
-        collective("all_reduce(grad norm, tp)", lambda: dist.all_reduce(split_sq, group=self.tp_group))
+        # on the engine's device even when no gradient is TP-split (the sum is then the int 0)
+        split_sq = torch.as_tensor(split_sq, dtype=torch.float32, device=self.device)
+        collective("all_reduce(grad norm, tp)", lambda: dist.all_reduce(split_sq, group=self.tp_group),
+                   [split_sq], self.tp_group)
         grad_norm = float(torch.sqrt(split_sq + replicated_sq))
         if self.grad_clip > 0 and grad_norm > self.grad_clip:
             for param in parameters:
@@ -194,7 +213,8 @@ class MegatronEngine(TorchEngine):
             return tensor
         pieces = [torch.empty_like(tensor) for _ in range(self.tp_size)]
         collective(f"all_gather({name}, tp)",
-                   lambda: dist.all_gather(pieces, tensor.contiguous(), group=self.tp_group))
+                   lambda: dist.all_gather(pieces, tensor.contiguous(), group=self.tp_group),
+                   [tensor, *pieces], self.tp_group)
         return torch.cat(pieces, dim=dim)
 
 

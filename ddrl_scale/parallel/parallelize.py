@@ -57,10 +57,22 @@ def data_parallel_mesh(world: World, replicate: int) -> DeviceMesh:
                             mesh_dim_names=("replicate", "shard"))
 
 
+def mixed_precision_policy(param_dtype: torch.dtype | None) -> MixedPrecisionPolicy:
+    """bf16 parameters (when given) with fp32 gradient reduction, and no cast of forward inputs.
+
+    FSDP2's default `cast_forward_inputs=True` casts every float argument of a sharded module to
+    param_dtype: sigma entering the root (two sigmas in one bf16 value give identical outputs) and
+    the rotary angles / Wan rotary embeddings entering each block (issue 16). The models cast their
+    latents to their parameters' dtype themselves; everything else a block receives already comes
+    out of bf16 layers."""
+    return MixedPrecisionPolicy(param_dtype=param_dtype,
+                                reduce_dtype=torch.float32 if param_dtype is not None else None,
+                                cast_forward_inputs=False)
+
+
 def apply_fsdp(model: nn.Module, mesh: DeviceMesh, param_dtype: torch.dtype | None) -> None:
     """fully_shard each block, then the root; bf16 params with fp32 gradient reduction on GPUs."""
-    policy = MixedPrecisionPolicy(param_dtype=param_dtype,
-                                  reduce_dtype=torch.float32 if param_dtype is not None else None)
+    policy = mixed_precision_policy(param_dtype)
     for block in blocks_of(model):
         fully_shard(block, mesh=mesh, mp_policy=policy)
     fully_shard(model, mesh=mesh, mp_policy=policy)

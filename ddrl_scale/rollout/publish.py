@@ -5,10 +5,18 @@ collective of the trainers, one at a time); trainer rank 0 packs the whole tenso
 `rollout.publish_bucket_mb` and broadcasts each bucket, after a small header naming its tensors, on
 the publish group (trainer 0 + rollout ranks). No rank ever holds more than one bucket beyond its
 model, whatever the engine.
+
+A dead or hung member ends a publish with an error, never a hang. On gloo `Work.wait()` raises at
+the group's timeout. On NCCL it does not: it only makes the current CUDA stream wait, and NCCL's
+watchdog later tears the whole process down at the group's timeout. So every broadcast waits with
+an explicit timeout, which makes NCCL block the CPU thread, abort its communicators on expiry and
+raise (torch's `Work.wait(timeout)`); that wait ends at `WAIT_FRACTION` of the group's timeout
+(rollout.timeout_s, parallel/roles.py), before the watchdog would end the process.
 """
 
 from __future__ import annotations
 
+import datetime
 import hashlib
 import json
 import time
@@ -18,6 +26,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ddrl_scale.parallel.distributed import check_devices
 from ddrl_scale.parallel.engine import Engine
 from ddrl_scale.parallel.inference_tp import load_full
 from ddrl_scale.parallel.roles import Roles
@@ -45,13 +54,25 @@ def weights_checksum(named: Iterable[tuple[str, torch.Tensor]]) -> str:
     return combine_digests({name: tensor_digest(tensor) for name, tensor in named})
 
 
+WAIT_FRACTION = 0.9  # of the group's timeout: the blocking wait gives up before NCCL's watchdog
+
+
+def wait_timeout(group: dist.ProcessGroup) -> datetime.timedelta:
+    """How long a publish broadcast waits, on the CPU thread, for the group (see the docstring)."""
+    timeout = getattr(getattr(group, "options", None), "_timeout", None)
+    return (timeout if timeout is not None else dist.default_pg_timeout) * WAIT_FRACTION
+
+
 def _broadcast(group: dist.ProcessGroup, tensor: torch.Tensor) -> None:
     """Broadcast from trainer rank 0; a dead or hung member ends it with an error, never a hang
     (the publish group carries rollout.timeout_s)."""
+    check_devices("weight publish broadcast", [tensor], group)
     options = dist.BroadcastOptions()
     options.rootRank = 0
     try:
-        group.broadcast([tensor], options).wait()
+        # an explicit timeout: NCCL's wait() without one returns before the broadcast has happened
+        if not group.broadcast([tensor], options).wait(wait_timeout(group)):
+            raise RuntimeError(f"the wait gave up after {wait_timeout(group)}")
     except RuntimeError as error:
         raise PeerError(f"weight publish: the broadcast between trainer rank 0 and the rollout ranks "
                         f"failed or timed out (rollout.timeout_s); a rank died or hangs: {error}"

@@ -1,8 +1,12 @@
 """Device telemetry sampled in a background thread, for the trainer's metrics stream.
 
 With NVML (nvidia-ml-py, imported as `pynvml`) it reads per GPU: utilisation (%), memory used (GB),
-power (W), temperature (C) and SM clock (MHz). Without NVML (no GPU, no driver, or an NVML error)
-it falls back to this process's CPU % and RSS from psutil and says so once. `snapshot()` hands the
+power (W), temperature (C) and SM clock (MHz). A reading that fails (not supported by the GPU, or
+an NVML error) drops that metric alone for the rest of the run, said once; when every reading of a
+sample fails (the GPU fell off the bus, the driver went away) or there is no NVML (no GPU, no
+driver), it falls back to this process's CPU % and RSS from psutil and says so once. On CUDA each
+snapshot also carries this process's CUDA allocator peaks since the start
+(`cuda_peak_allocated_gb`, `cuda_peak_reserved_gb`: telemetry/memory.py). `snapshot()` hands the
 train loop flat metric names (`gpu0_util`, `gpu0_mem_gb`, ..., or `cpu_percent`, `rss_gb`): means
 over the samples since the previous snapshot, plus `_max` of the memory figures, since the peak is
 what decides an out-of-memory.
@@ -138,8 +142,17 @@ class TelemetrySampler:
             logger.info("telemetry: %s is not supported by this GPU; left out", name)
             return None
 
+    def _drop(self, failed: dict[str, Exception]) -> None:
+        """Leave out the metrics whose reading raised, each said once; the others go on."""
+        for name, error in failed.items():
+            self._unsupported.add(name)
+            logger.warning("telemetry: NVML failed reading %s (%s: %s); that metric is left out for "
+                           "the rest of the run, the others go on", name, type(error).__name__, error)
+
     def _sample_nvml(self) -> dict[str, float]:
-        nvml, values = self._nvml, {}
+        """Every reading; one that raises is dropped alone, unless all of them raise (then the
+        first error propagates and sample() falls back to psutil)."""
+        nvml, values, failed = self._nvml, {}, {}
         for index, handle in self._handles.items():
             readings = {
                 "util": lambda h=handle: nvml.nvmlDeviceGetUtilizationRates(h).gpu,
@@ -149,9 +162,17 @@ class TelemetrySampler:
                 "sm_clock_mhz": lambda h=handle: nvml.nvmlDeviceGetClockInfo(h, nvml.NVML_CLOCK_SM),
             }
             for suffix, read in readings.items():
-                value = self._query(f"gpu{index}_{suffix}", read)
+                name = f"gpu{index}_{suffix}"
+                try:
+                    value = self._query(name, read)
+                except Exception as error:  # one query's NVML error: that metric only
+                    failed[name] = error
+                    continue
                 if value is not None:
-                    values[f"gpu{index}_{suffix}"] = value
+                    values[name] = value
+        if failed and not values:
+            raise next(iter(failed.values()))
+        self._drop(failed)
         return values
 
     def _sample_psutil(self) -> dict[str, float]:
@@ -194,6 +215,9 @@ class TelemetrySampler:
             out.update({f"{name}_max": value for name, value in self._maxima.items()
                         if name.endswith(PEAK_TRACKED)})
             self._sums, self._counts, self._maxima = {}, {}, {}
+        from ddrl_scale.telemetry.memory import cuda_peak_memory  # torch only where it is used
+
+        out.update(cuda_peak_memory())  # the current device: this rank's (init_world sets it)
         return out
 
     # -- thread ---------------------------------------------------------------------------------

@@ -5,6 +5,7 @@ and by benchmarks that report memory on machines without a GPU. On CUDA,
 `torch.cuda.max_memory_allocated` answers the same question; the CPU has no such counter, so this
 runs the code under the torch profiler with `profile_memory=True`, which records every allocation
 and free of the CPU allocator (tensors and the kernels' scratch buffers alike), and replays them.
+`cuda_peak_memory` reads the CUDA counters for the trainer's metrics and the run summary.
 """
 
 from __future__ import annotations
@@ -99,3 +100,14 @@ def measure_cpu_peak_memory(function: Callable[[], Result]) -> tuple[Result, Pea
     gc.collect()
     visible_end = live_cpu_tensor_bytes() - baseline
     return result, PeakMemory(baseline, peak, live, unseen_free_bytes=max(0, live - visible_end))
+
+
+def cuda_peak_memory(device: torch.device | int | None = None) -> dict[str, float]:
+    """This process's CUDA allocator peaks since its start (or the last reset), in decimal GB:
+    {"cuda_peak_allocated_gb" (tensors), "cuda_peak_reserved_gb" (what the caching allocator holds,
+    the figure an out-of-memory compares with the GPU's memory)}; {} where CUDA was never used, so
+    a CPU run neither initialises CUDA nor reports zeros."""
+    if not (torch.cuda.is_available() and torch.cuda.is_initialized()):
+        return {}
+    return {"cuda_peak_allocated_gb": torch.cuda.max_memory_allocated(device) / 1e9,
+            "cuda_peak_reserved_gb": torch.cuda.max_memory_reserved(device) / 1e9}

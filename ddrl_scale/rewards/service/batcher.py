@@ -54,6 +54,15 @@ class ScoreJob:
         return self.scores
 
 
+def scoring_device(device: torch.device | str) -> torch.device:
+    """`device` with its index: a bare "cuda" is the creating thread's current CUDA device (the
+    rank's local device once set), not the scoring thread's, which starts at cuda:0."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
 class RewardBatcher:
     """Scores queued requests together in one worker thread.
 
@@ -69,7 +78,7 @@ class RewardBatcher:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
         if window_s < 0:
             raise ValueError(f"batch window must be >= 0 seconds, got {window_s}")
-        self.reward, self.device = reward, torch.device(device)
+        self.reward, self.device = reward, scoring_device(device)
         self.max_batch, self.window_s = max_batch, window_s
         self._queue: queue.Queue[ScoreJob | None] = queue.Queue()
         self._pending: list[ScoreJob] = []  # taken off the queue, not yet in a batch
@@ -103,6 +112,10 @@ class RewardBatcher:
             return dict(self.stats)
 
     def _run(self) -> None:
+        # the current CUDA device is per thread and starts at cuda:0 in a new one: without this the
+        # reward's own allocations (torch.device("cuda"), .cuda()) land on GPU 0 on every rank
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
         while True:
             batch = self._collect()
             if not batch:
