@@ -27,10 +27,10 @@ import torch.distributed.checkpoint as dcp
 from conftest import _TINY
 
 from ddrl_scale.config import load_config
+from ddrl_scale.storage.safe_load import CheckpointRefusedError
 from ddrl_scale.train.anchor_data import demo_shards
 from ddrl_scale.train.checkpoint import read_weights
 from ddrl_scale.train.export import export_checkpoint
-from ddrl_scale.train.safe_load import CheckpointRefusedError
 from ddrl_scale.train.trainer import Trainer
 
 REPO = Path(__file__).resolve().parents[1]

@@ -1,4 +1,4 @@
-"""Run files survive torn writes (train/run_files.py), and config mistakes end with a named error.
+"""Run files survive torn writes (storage/run_files.py), and config mistakes end with a named error.
 
 A torn last line of metrics.jsonl (the process died inside a write, or the disk filled) is dropped
 with a warning on resume; the steps stay 1..N with no gap or repeat. Config mistakes found only
@@ -20,8 +20,8 @@ import pytest
 from ddrl_scale.cli import main
 from ddrl_scale.config import ConfigError, load_config
 from ddrl_scale.config.schema import check_run_plan
+from ddrl_scale.storage.run_files import atomic_write_text, read_jsonl
 from ddrl_scale.train.metrics import MetricsWriter, read_metrics
-from ddrl_scale.train.run_files import atomic_write_text, read_jsonl
 from ddrl_scale.train.trainer import Trainer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -30,7 +30,7 @@ REPO = Path(__file__).resolve().parents[1]
 def test_read_jsonl_drops_only_a_torn_last_line(tmp_path, caplog):
     path = tmp_path / "m.jsonl"
     path.write_text('{"step": 1}\n{"step": 2}\n{"step": 3, "reward_me')
-    with caplog.at_level(logging.WARNING, logger="ddrl_scale.train.run_files"):
+    with caplog.at_level(logging.WARNING, logger="ddrl_scale.storage.run_files"):
         assert read_jsonl(path) == [{"step": 1}, {"step": 2}]
     assert "torn last line 3" in caplog.text and str(path) in caplog.text
     path.write_text('{"step": 1}\n{"step": 2\n{"step": 3}\n')
@@ -69,7 +69,7 @@ def test_torn_metrics_line_resumes_with_a_warning(tiny_overrides, tmp_path, capl
         handle.write('{"step": 3, "reward_mean": 0.4')  # the torn write
     trainer = Trainer(load_config(None, [*overrides, "train.steps=4"]))
     trainer.maybe_resume()
-    with caplog.at_level(logging.WARNING, logger="ddrl_scale.train.run_files"):
+    with caplog.at_level(logging.WARNING, logger="ddrl_scale.storage.run_files"):
         trainer.train()
     assert "torn last line" in caplog.text
     assert [record["step"] for record in read_metrics(metrics)] == [1, 2, 3, 4]

@@ -89,6 +89,6 @@ def config_to_yaml(config: RunConfig) -> str:
 
 
 def save_config(config: RunConfig, run_dir: str | os.PathLike) -> Path:
-    from ddrl_scale.train.run_files import atomic_write_text
+    from ddrl_scale.storage.run_files import atomic_write_text
 
     return atomic_write_text(Path(run_dir) / "config.yaml", config_to_yaml(config))

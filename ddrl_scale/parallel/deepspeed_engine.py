@@ -34,7 +34,7 @@ from ddrl_scale.config.schema import OptimSection, ParallelSection
 from ddrl_scale.parallel.distributed import World, collective
 from ddrl_scale.parallel.engine import Engine, lr_factor, register_engine
 from ddrl_scale.runtime import autocast
-from ddrl_scale.train.safe_load import check_deepspeed_files, deepspeed_weights_only, load_pt
+from ddrl_scale.storage.safe_load import check_deepspeed_files, deepspeed_weights_only, load_pt
 
 logger = logging.getLogger(__name__)
 

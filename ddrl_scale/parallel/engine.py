@@ -26,8 +26,8 @@ from torch.distributed.tensor import DTensor
 from ddrl_scale.config.schema import ConfigError, OptimSection, ParallelSection
 from ddrl_scale.parallel.distributed import World, collective
 from ddrl_scale.runtime import autocast
+from ddrl_scale.storage.safe_load import dcp_load, load_pt
 from ddrl_scale.train.ema import EMA
-from ddrl_scale.train.safe_load import dcp_load, load_pt
 
 logger = logging.getLogger(__name__)
 

@@ -38,7 +38,7 @@ from ddrl_scale.rollout.colocated import sample_rollouts, score_rollouts
 from ddrl_scale.rollout.publish import publish_dtype, receive_weights, weights_checksum
 from ddrl_scale.rollout.transport import Channel
 from ddrl_scale.runtime import autocast
-from ddrl_scale.train.run_files import atomic_write_json
+from ddrl_scale.storage.run_files import atomic_write_json
 
 logger = logging.getLogger(__name__)
 

@@ -5,7 +5,7 @@ engine holds them), engine_schedule.pt, trainer_state.pt (step, loader position)
 rng_rank{R}.pt (each rank's RNG states). A checkpoint is written under `.partial_step_N/` and renamed
 when every rank has finished, so a crash mid-save never leaves a half checkpoint that resume would
 pick; the newest `train.keep_last` complete ones are kept. Every file is read back through
-`train/safe_load.py`: tensors and plain data only, a file that holds code is refused by name.
+`storage/safe_load.py`: tensors and plain data only, a file that holds code is refused by name.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import torch
 
 from ddrl_scale.parallel.distributed import World, barrier
 from ddrl_scale.parallel.engine import Engine
-from ddrl_scale.train.safe_load import (
+from ddrl_scale.storage.safe_load import (
     CheckpointRefusedError,
     dcp_load,
     deepspeed_weights_only,

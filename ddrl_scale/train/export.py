@@ -20,8 +20,8 @@ import torch
 from safetensors.torch import save_file
 
 from ddrl_scale.models import policy_from_dict, save_weights
+from ddrl_scale.storage.safe_load import load_pt
 from ddrl_scale.train.checkpoint import latest_checkpoint, read_weights
-from ddrl_scale.train.safe_load import load_pt
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 FORMATS = ("safetensors", "diffusers")

@@ -1,4 +1,4 @@
-"""Metrics stream of a run: one JSON object per line in RUN_DIR/metrics.jsonl (train/run_files.py:
+"""Metrics stream of a run: one JSON object per line in RUN_DIR/metrics.jsonl (storage/run_files.py:
 a torn last line is dropped on reading, the file is rewritten atomically on resume)."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from ddrl_scale.train.run_files import atomic_write_text, read_jsonl
+from ddrl_scale.storage.run_files import atomic_write_text, read_jsonl
 
 
 def _plain(value):

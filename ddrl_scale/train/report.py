@@ -8,8 +8,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ddrl_scale.storage.run_files import atomic_write_json
 from ddrl_scale.train.metrics import read_metrics
-from ddrl_scale.train.run_files import atomic_write_json
 
 
 def plot_curves(metrics_path: str | Path, out_path: str | Path) -> Path:

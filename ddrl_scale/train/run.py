@@ -21,6 +21,7 @@ from ddrl_scale.models import flops_per_sample
 from ddrl_scale.parallel.distributed import barrier
 from ddrl_scale.parallel.roles import init_roles
 from ddrl_scale.rollout.worker import RolloutWorker
+from ddrl_scale.storage.run_files import atomic_write_bytes
 from ddrl_scale.train.metrics import read_metrics
 from ddrl_scale.train.report import before_after_gif, plot_curves, write_json
 from ddrl_scale.train.trainer import Trainer
@@ -28,7 +29,6 @@ from ddrl_scale.train.trainer import Trainer
 logger = logging.getLogger(__name__)
 
 
-from ddrl_scale.train.run_files import atomic_write_bytes
 def _before(trainer: Trainer, run_dir: Path) -> tuple[dict, torch.Tensor]:
     """Evaluation of the starting weights, kept on disk so a resumed run reports the true 'before'."""
     json_path, videos_path = run_dir / "eval_before.json", run_dir / "eval_before_videos.safetensors"
@@ -38,7 +38,7 @@ def _before(trainer: Trainer, run_dir: Path) -> tuple[dict, torch.Tensor]:
     trainer.loggers.log_videos("samples/before", result.videos[:8], 0)
     if trainer.world.is_main:
         write_json(result.summary(), json_path)
-        # atomic, as every run file that a resume reads back (train/run_files.py)
+        # atomic, as every run file that a resume reads back (storage/run_files.py)
         atomic_write_bytes(videos_path, save({"videos": result.videos.cpu().contiguous()}))
     return result.summary(), result.videos
 
