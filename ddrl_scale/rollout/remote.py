@@ -22,7 +22,7 @@ import torch.distributed as dist
 from ddrl_scale.algo.samplers import Trajectory
 from ddrl_scale.config import RunConfig
 from ddrl_scale.data.anchor import AnchorBatch
-from ddrl_scale.parallel.distributed import World, collective
+from ddrl_scale.parallel.distributed import World, check_object_device, collective
 from ddrl_scale.parallel.engine import Engine
 from ddrl_scale.parallel.roles import Roles
 from ddrl_scale.rollout.colocated import RolloutBatch
@@ -93,6 +93,7 @@ class RemoteRollouts:
         shares = [(self.prompt_slices[0].start, batch.captions, text)]
         if self.world.distributed:
             shares = [None] * self.world.world_size
+            check_object_device("all_gather_object(prompts)", self.world)
             collective("all_gather_object(prompts)",
                        lambda: dist.all_gather_object(shares, (self.prompt_slices[self.world.rank].start,
                                                                batch.captions, text)))
