@@ -230,7 +230,14 @@ class OptimSection:
     warmup_steps: int = 0
     decay_steps: int = 0  # > 0: cosine decay of the learning rate to 0 at this step; 0 = constant
     grad_clip: float = 1.0
-    ema_decay: float = 0.95  # 0 turns EMA off
+    ema_decay: float = 0.95  # ema_kind=constant: the decay per step; 0 turns EMA off
+    # constant | power (EDM2's power EMA, the release's: decay (1 - 1/(it+1))^(gamma+1), gamma set
+    # by the relative width ema_rate; parallel/ema.py)
+    ema_kind: str = "constant"
+    ema_rate: float = 0.1  # ema_kind=power: sigma_rel (the release's ema.rate)
+    # zero the non-finite gradient elements before clipping, counted in grad_nonfinite (the
+    # release's grad_clip force_finite)
+    force_finite_grads: bool = False
 
     def __post_init__(self) -> None:
         _check(math.isfinite(self.lr) and self.lr > 0, "optim.lr", "a float > 0", self.lr)
@@ -240,6 +247,9 @@ class OptimSection:
         _check(self.decay_steps >= 0, "optim.decay_steps", ">= 0 (0 = no decay)", self.decay_steps)
         _check(self.grad_clip >= 0, "optim.grad_clip", ">= 0 (0 = off)", self.grad_clip)
         _check(0 <= self.ema_decay < 1, "optim.ema_decay", "in [0, 1)", self.ema_decay)
+        _check(self.ema_kind in ("constant", "power"), "optim.ema_kind", "constant|power", self.ema_kind)
+        _check(0 < self.ema_rate < 0.28, "optim.ema_rate", "in (0, 0.28) (EDM2's sigma_rel)",
+               self.ema_rate)
 
 
 @dataclass
@@ -434,6 +444,10 @@ class RunConfig:
         _check(self.rollout.tp_size == 1 or self.model.kind == "dit", "rollout.tp_size",
                "1 unless model.kind=dit (tensor-parallel rollout copies are built for the VideoDiT)",
                self.rollout.tp_size)
+        _check(not self.optim.force_finite_grads or self.parallel.engine != "deepspeed",
+               "optim.force_finite_grads", "false with parallel.engine=deepspeed (DeepSpeed steps "
+               "inside its own backward, before the engine sees the gradients)",
+               self.optim.force_finite_grads)
         if self.sampler.kind == "edm_ab2":  # what the release sampler is built for so far
             _check(self.rollout.mode == "colocated", "rollout.mode",
                    "colocated with sampler.kind=edm_ab2 (its x0 predictions are not sent by rollout "

@@ -32,6 +32,7 @@ from torch import nn
 
 from ddrl_scale.config.schema import OptimSection, ParallelSection
 from ddrl_scale.parallel.distributed import World, collective
+from ddrl_scale.parallel.ema import ema_decay_at, ema_enabled
 from ddrl_scale.parallel.engine import Engine, lr_factor, register_engine
 from ddrl_scale.runtime import autocast
 from ddrl_scale.storage.safe_load import check_deepspeed_files, deepspeed_weights_only, load_pt
@@ -181,9 +182,9 @@ class DeepSpeedEngine(Engine):
                     optimizer, lr_factor(optim)),
                 dist_init_required=False)
         self.zero3 = parallel.zero_stage == 3
-        self.ema_decay = optim.ema_decay
+        self.optim = optim
         self.ema = ({name: _local(p).detach().float().clone() for name, p in self.model.named_parameters()}
-                    if optim.ema_decay > 0 else None)
+                    if ema_enabled(optim) else None)
         self.grad_norm = 0.0
 
     def forward(self, *args: torch.Tensor) -> torch.Tensor:
@@ -206,10 +207,11 @@ class DeepSpeedEngine(Engine):
         self.micro_step = 0
         norm = self.ds.get_global_grad_norm()
         self.grad_norm = float(norm) if norm is not None else float("nan")
-        if self.ema is not None:
+        if self.ema is not None:  # DeepSpeed counts its optimizer steps (and checkpoints them)
+            decay = ema_decay_at(self.optim, self.ds.global_steps - 1)
             with torch.no_grad():
                 for name, param in self.model.named_parameters():
-                    self.ema[name].lerp_(_local(param).float(), 1.0 - self.ema_decay)
+                    self.ema[name].lerp_(_local(param).float(), 1.0 - decay)
         return self.grad_norm
 
     def save(self, directory: Path) -> None:
@@ -248,7 +250,7 @@ class DeepSpeedEngine(Engine):
         import deepspeed
 
         if ema and self.ema is None:
-            raise ValueError("EMA weights requested but optim.ema_decay = 0 (EMA off)")
+            raise ValueError("EMA weights requested but the EMA is off (optim.ema_decay = 0)")
         for name, param in self.model.named_parameters():
             if ema:
                 tensor = self.ema[name]

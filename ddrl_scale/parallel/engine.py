@@ -25,9 +25,9 @@ from torch.distributed.tensor import DTensor
 
 from ddrl_scale.config.schema import ConfigError, OptimSection, ParallelSection
 from ddrl_scale.parallel.distributed import World, collective
+from ddrl_scale.parallel.ema import EMA, ema_decay_at, ema_enabled
 from ddrl_scale.runtime import autocast
 from ddrl_scale.storage.safe_load import dcp_load, load_pt
-from ddrl_scale.train.ema import EMA
 
 logger = logging.getLogger(__name__)
 
@@ -130,7 +130,9 @@ class TorchEngine(Engine):
                                            weight_decay=optim.weight_decay)
         self.schedule = torch.optim.lr_scheduler.LambdaLR(self.optimizer,
                                                           lr_factor(optim))
-        self.ema = EMA(self.model, optim.ema_decay) if optim.ema_decay > 0 else None
+        self.optim = optim
+        self.ema = EMA(self.model, optim.ema_decay) if ema_enabled(optim) else None
+        self.nonfinite = 0  # gradient elements zeroed by optim.force_finite_grads in the last step
 
     def wrap(self, model: nn.Module, parallel: ParallelSection) -> nn.Module:
         return model
@@ -147,15 +149,35 @@ class TorchEngine(Engine):
 
     def step(self) -> float:
         parameters = [p for p in self.model.parameters() if p.grad is not None]
+        self.force_finite(parameters)
         max_norm = self.grad_clip if self.grad_clip > 0 else float("inf")
         grad_norm = collective("clip_grad_norm", lambda: torch.nn.utils.clip_grad_norm_(parameters,
                                                                                          max_norm))
         self.optimizer.step()
+        self.finish_step()
+        return float(full_tensor(grad_norm))
+
+    def force_finite(self, parameters: list[nn.Parameter]) -> None:
+        """optim.force_finite_grads: NaN / inf gradient elements become 0 (this rank's shard),
+        counted in self.nonfinite; otherwise nothing."""
+        self.nonfinite = 0
+        if not self.optim.force_finite_grads:
+            return
+        for param in parameters:
+            grad = param.grad.to_local() if hasattr(param.grad, "to_local") else param.grad
+            bad = ~torch.isfinite(grad)
+            count = int(bad.sum())
+            if count:
+                grad.masked_fill_(bad, 0.0)
+                self.nonfinite += count
+
+    def finish_step(self) -> None:
+        """After the optimizer step: the LR schedule, the gradients cleared, the EMA update (its
+        decay at this iteration: the schedule counts the steps taken, and is checkpointed)."""
         self.schedule.step()
         self.optimizer.zero_grad(set_to_none=True)
         if self.ema is not None:
-            self.ema.update(self.model)
-        return float(full_tensor(grad_norm))
+            self.ema.update(self.model, ema_decay_at(self.optim, self.schedule.last_epoch - 1))
 
     def _state(self) -> dict:
         model_state, optimizer_state = get_state_dict(self.model, self.optimizer)
@@ -181,7 +203,7 @@ class TorchEngine(Engine):
                        optim_state_dict=state["optimizer"])
         if self.ema is not None:
             if "ema" not in state:
-                raise KeyError(f"checkpoint '{directory}' has no EMA but optim.ema_decay > 0")
+                raise KeyError(f"checkpoint '{directory}' has no EMA but the EMA is on (optim.ema_*)")
             self.ema.shadow = state["ema"]
         self.load_schedule(directory)
 
@@ -200,7 +222,7 @@ class TorchEngine(Engine):
     def full_weights(self, dtype: torch.dtype | None = None, ema: bool = False
                      ) -> Iterator[tuple[str, torch.Tensor]]:
         if ema and self.ema is None:
-            raise ValueError("EMA weights requested but optim.ema_decay = 0 (EMA off)")
+            raise ValueError("EMA weights requested but the EMA is off (optim.ema_decay = 0)")
         source = self.ema.shadow if ema else dict(self.model.named_parameters())
         for name, tensor in source.items():
             tensor = self.gather(name, tensor.detach())

@@ -162,6 +162,7 @@ class MegatronEngine(TorchEngine):
                 collective("all_reduce(partial grad, tp)",
                            lambda p=param: dist.all_reduce(p.grad, group=self.tp_group), [param.grad],
                            self.tp_group)
+        self.force_finite(parameters)  # after the reductions: every replica zeroes the same
         names = {id(p): name for name, p in self.model.named_parameters()}
         split_sq = sum((p.grad.float() ** 2).sum() for p in parameters
                        if self.split_dims[names[id(p)]] != REPLICATED)
@@ -176,10 +177,7 @@ class MegatronEngine(TorchEngine):
             for param in parameters:
                 param.grad.mul_(self.grad_clip / (grad_norm + 1e-6))
         self.optimizer.step()
-        self.schedule.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        if self.ema is not None:
-            self.ema.update(self.model)
+        self.finish_step()
         return grad_norm
 
     def save(self, directory: Path) -> None:

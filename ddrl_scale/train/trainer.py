@@ -277,6 +277,8 @@ class Trainer:
         metrics["ratio_max_dev"] = max(totals["ratio_max_dev"])
         with self.timer.phase("optimizer"):
             metrics["grad_norm"] = self.engine.step()
+        if self.config.optim.force_finite_grads:  # elements zeroed, the most on any rank
+            metrics["grad_nonfinite_max"] = float(self.engine.nonfinite)
         return metrics
 
     def run_evaluation(self) -> EvalResult:

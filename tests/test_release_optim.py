@@ -1,0 +1,81 @@
+"""The release's optimizer options: the power EMA (optim.ema_kind=power) and forced-finite gradients
+(optim.force_finite_grads), each against its definition, on the engines that run them."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from ddrl_scale.config import ConfigError, load_config
+from ddrl_scale.config.schema import OptimSection, ParallelSection
+from ddrl_scale.parallel import build_engine
+from ddrl_scale.parallel.distributed import World
+from ddrl_scale.parallel.ema import ema_decay_at, power_ema_exponent
+
+
+def test_power_ema_exponent_solves_edm2s_polynomial():
+    for rate in (0.05, 0.1, 0.2):
+        gamma = power_ema_exponent(rate)
+        # EDM2: sigma_rel^2 = (gamma + 1) / ((gamma + 2)^2 (gamma + 3))
+        assert (gamma + 1) / ((gamma + 2) ** 2 * (gamma + 3)) == pytest.approx(rate**2, rel=1e-9)
+        assert np.polyval([1, 7, 16 - rate**-2, 12 - rate**-2], gamma) == pytest.approx(0, abs=1e-6)
+    optim = OptimSection(ema_kind="power", ema_rate=0.1)
+    gamma = power_ema_exponent(0.1)
+    assert ema_decay_at(optim, 0) == 0.0
+    for it in (1, 5, 100):
+        assert ema_decay_at(optim, it) == pytest.approx((1 - 1 / (it + 1)) ** (gamma + 1))
+    assert ema_decay_at(OptimSection(ema_decay=0.9), 7) == 0.9
+
+
+def _engine(**optim):
+    model = torch.nn.Linear(3, 2)
+    with torch.no_grad():
+        model.weight.copy_(torch.arange(6.0).reshape(2, 3) / 10)
+        model.bias.zero_()
+    return build_engine(model, OptimSection(lr=0.1, grad_clip=0.0, **optim), ParallelSection(), World())
+
+
+def test_power_ema_follows_its_decay_per_step_and_resumes(tmp_path):
+    engine = _engine(ema_kind="power", ema_rate=0.1)
+    expected = {name: p.detach().clone() for name, p in engine.model.named_parameters()}
+    for it in range(4):
+        engine.forward(torch.ones(1, 3)).sum().backward()
+        engine.step()
+        decay = ema_decay_at(engine.optim, it)
+        for name, param in engine.model.named_parameters():
+            expected[name] = decay * expected[name] + (1 - decay) * param.detach()
+    for name in expected:
+        torch.testing.assert_close(engine.ema.shadow[name], expected[name])
+    engine.save(tmp_path)  # the schedule's step count carries the EMA's iteration over a resume
+    again = _engine(ema_kind="power", ema_rate=0.1)
+    again.load(tmp_path)
+    assert again.schedule.last_epoch == engine.schedule.last_epoch == 4
+
+
+def test_force_finite_grads_zeroes_and_counts_non_finite_elements():
+    engine = _engine(force_finite_grads=True)
+    before = engine.model.weight.detach().clone()
+    engine.forward(torch.ones(1, 3)).sum().backward()
+    engine.model.weight.grad[0, 1] = float("nan")
+    engine.model.bias.grad[1] = float("inf")
+    norm = engine.step()
+    assert engine.nonfinite == 2 and math.isfinite(norm)
+    assert torch.isfinite(engine.model.weight).all()
+    assert engine.model.weight[0, 1] != before[0, 1]  # AdamW's weight decay still moved it
+    off = _engine()
+    off.forward(torch.ones(1, 3)).sum().backward()
+    off.model.weight.grad[0, 1] = float("nan")
+    off.step()
+    assert off.nonfinite == 0 and torch.isnan(off.model.weight).any()  # the default leaves them
+
+
+def test_release_optim_config_errors():
+    with pytest.raises(ConfigError, match="optim.ema_kind"):
+        load_config(None, ["optim.ema_kind=karras"])
+    with pytest.raises(ConfigError, match="optim.ema_rate"):
+        load_config(None, ["optim.ema_kind=power", "optim.ema_rate=0.5"])
+    with pytest.raises(ConfigError, match="optim.force_finite_grads"):
+        load_config(None, ["optim.force_finite_grads=true", "parallel.engine=deepspeed"])
