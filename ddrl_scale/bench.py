@@ -489,10 +489,20 @@ def cmd_bench(args: argparse.Namespace) -> None:
         raise SystemExit(1)
 
 
+# what `ddrl bench --help` says: the user's view of the module docstring above
+USAGE = """Run the benchmark suite (the anchor loader, the loss kernels, one DDRL step per engine, the
+disaggregated rollouts) and write one report, or compare two reports.
+
+Each part runs as a subprocess with its own log and report under <out>/<stem>-parts/; the suite
+writes <stem>.json, <stem>.md and two plots (step breakdown, throughput), where <stem> is
+<date>-bench-<model>-<hardware>. A part that fails is reported with the tail of its log and the
+others still run. --compare A.json B.json prints B/A of every figure both results have."""
+
+
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """`ddrl bench` under the main command line's subparsers."""
     parser = subparsers.add_parser("bench", help="run the benchmark suite, or compare two of its results",
-                                   description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+                                   description=USAGE, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--parts", default=",".join(PART_NAMES),
                         help=f"comma-separated parts to run (default: all of {','.join(PART_NAMES)})")
     parser.add_argument("--quick", action="store_true", help="small settings: seconds per part (tests)")

@@ -123,6 +123,8 @@ def resolve_backend(name: str, device: torch.device | str) -> str:
                                           f"{reason}")
         chosen = name
     _RESOLVED[key] = chosen
+    # the ops are then called with the resolved name: a lookup, not a second check and log line
+    _RESOLVED.setdefault((chosen, device_type), chosen)
     logger.info("fused loss kernels: backend %r on %s tensors -> %s", name, device_type, chosen)
     return chosen
 

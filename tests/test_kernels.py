@@ -395,8 +395,11 @@ def test_resolve_backend_choices_and_errors(fresh_resolutions, monkeypatch, capl
         with caplog.at_level(logging.INFO, logger=dispatch.__name__):
             assert kernels.resolve_backend("auto", torch.device("cpu")) == "compile"
             assert kernels.resolve_backend("auto", "cpu") == "compile"
-        assert [record.getMessage() for record in caplog.records].count(
-            "fused loss kernels: backend 'auto' on cpu tensors -> compile") == 1
+            # the ops are called with the resolved name: no second line for it
+            assert kernels.resolve_backend("compile", "cpu") == "compile"
+        messages = [record.getMessage() for record in caplog.records]
+        assert messages.count("fused loss kernels: backend 'auto' on cpu tensors -> compile") == 1
+        assert sum(message.startswith("fused loss kernels") for message in messages) == 1
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     with pytest.raises(kernels.BackendUnavailableError, match="TRITON_INTERPRET=1"):
         kernels.resolve_backend("triton", "cpu")
