@@ -396,7 +396,8 @@ def test_frozen_or_killed_server_gives_a_named_error_not_a_hang():
         with pytest.raises(rs.RewardServiceError, match="failed after 2 attempts.*timed out") as caught:
             server.client(timeout_s=0.5, retries=1).score(videos, prompts)
         assert server.url in str(caught.value)
-        assert time.monotonic() - start < 10  # bounded: 2 timeouts of 0.5 s and a short backoff
+        # bounded: 2 timeouts of 0.5 s and a short backoff (~1.2 s; generous for a loaded machine)
+        assert time.monotonic() - start < 30
         server.process.send_signal(signal.SIGCONT)
 
         # killed (SIGKILL) with a request in flight: reset, then refused, then the error
@@ -408,6 +409,6 @@ def test_frozen_or_killed_server_gives_a_named_error_not_a_hang():
             with pytest.raises(rs.RewardServiceError, match="failed after 3 attempts") as caught:
                 future.result(timeout=30)
         assert server.url in str(caught.value) and "Connection" in str(caught.value)
-        assert time.monotonic() - start < 10
+        assert time.monotonic() - start < 30
     finally:
         server.stop()
