@@ -24,8 +24,10 @@ def cmd_train(args: argparse.Namespace) -> None:
         summary = run_training(config)
     finally:
         shutdown()
-    if summary:  # rank 0
+    if "steps" in summary:  # rank 0
         print(describe(summary, config.run.output_dir))
+    if summary.get("exit_code"):  # SIGINT / SIGTERM: 130 / 143 after the checkpoint
+        raise SystemExit(summary["exit_code"])
 
 
 def cmd_pretrain(args: argparse.Namespace) -> None:
@@ -34,6 +36,9 @@ def cmd_pretrain(args: argparse.Namespace) -> None:
     from ddrl_scale.train.pretrain import pretrain
 
     setup(config.run.num_threads)
+    from ddrl_scale.train.host_checks import check_host
+
+    check_host(config)
     try:
         path = pretrain(config)
     finally:
@@ -104,6 +109,9 @@ def cmd_launch_local(args: argparse.Namespace) -> None:
                f"--nproc-per-node={args.nproc}", "-m", "ddrl_scale.cli", "train", args.config,
                *args.overrides]
     print(" ".join(command), flush=True)
+    # Ctrl-C reaches torchrun and every rank; the ranks finish their step and checkpoint
+    # (train/preemption.py) while torchrun waits this long before SIGKILL (its default: 30 s)
+    os.environ.setdefault("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", "300")
     os.execv(sys.executable, command)
 
 
@@ -189,7 +197,34 @@ def build_parser() -> argparse.ArgumentParser:
     from ddrl_scale.bench import add_parser as add_bench_parser
 
     add_bench_parser(commands)
+    from ddrl_scale.telemetry.env_report import add_parser as add_env_parser
+
+    add_env_parser(commands)
     return parser
+
+
+# a user's setting that this host or these files cannot serve: (module, exception class); looked up
+# only in modules already imported (one not imported cannot have raised), so that a config error
+# exits without importing torch
+USER_ERRORS = (("ddrl_scale.storage.safe_load", "CheckpointRefusedError"),
+               ("ddrl_scale.train.host_checks", "HostCapabilityError"),
+               ("ddrl_scale.kernels.dispatch", "BackendUnavailableError"))
+
+
+def is_user_error(error: Exception) -> bool:
+    types = [ConfigError, FileNotFoundError]
+    types += [getattr(sys.modules[module], name) for module, name in USER_ERRORS if module in sys.modules]
+    return isinstance(error, tuple(types))
+
+
+def chosen_parser(parser: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.ArgumentParser:
+    """The (sub)parser of the command that `args` came from: `ddrl data prepare`'s for its args."""
+    while True:
+        commands = [action for action in parser._actions if isinstance(action, argparse._SubParsersAction)]
+        name = getattr(args, commands[0].dest, None) if commands else None
+        if name is None or name not in commands[0].choices:
+            return parser
+        parser = commands[0].choices[name]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -199,14 +234,22 @@ def main(argv: list[str] | None = None) -> int:
     args, extra = parser.parse_known_args(argv)
     stray = [item for item in extra if item.startswith("-") or "=" not in item]
     if stray or (extra and not hasattr(args, "overrides")):
-        parser.error(f"unrecognized arguments: {' '.join(stray or extra)}")
+        # the usage of the command that was given (`ddrl train`'s), not the top level's
+        chosen_parser(parser, args).error(f"unrecognized arguments: {' '.join(stray or extra)}")
     if extra:
         args.overrides = [*args.overrides, *extra]
     try:
         args.handler(args)
-    except (ConfigError, FileNotFoundError) as error:
-        # a user's bad input: say what and where, without a traceback
-        print(f"ddrl: error: {error}", file=sys.stderr)
+    except KeyboardInterrupt:  # Ctrl-C where no run is in progress (`ddrl train` handles its own)
+        print("ddrl: interrupted", file=sys.stderr)
+        return 130
+    except Exception as error:
+        if not is_user_error(error):
+            raise
+        # a user's bad input: say what and where, without a traceback; a config error is met by
+        # every rank of a torchrun job alike, so rank 0 alone says it
+        if not isinstance(error, ConfigError) or os.environ.get("RANK", "0") == "0":
+            print(f"ddrl: error: {error}", file=sys.stderr)
         return 2
     return 0
 

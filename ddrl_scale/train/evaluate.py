@@ -15,6 +15,7 @@ from ddrl_scale.algo.samplers import sample
 from ddrl_scale.config.schema import RunConfig
 from ddrl_scale.data import synthetic
 from ddrl_scale.rewards import WeightedRewards
+from ddrl_scale.train.progress import counting
 
 
 @dataclass
@@ -48,12 +49,18 @@ def evaluate(velocity: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torc
              encode_text: Callable[[list[str]], torch.Tensor],
              decode: Callable[[torch.Tensor], torch.Tensor], rewards: WeightedRewards,
              prompts: list[str], samples_per_prompt: int, latent_shape: tuple[int, ...],
-             sigmas: torch.Tensor, seed: int, device: torch.device) -> EvalResult:
+             sigmas: torch.Tensor, seed: int, device: torch.device, progress: str = "") -> EvalResult:
+    """progress: the label of a bar over the denoising steps (none when empty)."""
     expanded = [prompt for prompt in prompts for _ in range(samples_per_prompt)]
     generator = torch.Generator(device=device).manual_seed(seed)
     noise = torch.randn((len(expanded), *latent_shape), generator=generator, device=device)
     text = encode_text(expanded)
-    trajectory = sample(lambda x, sigma: velocity(x, sigma, text), noise, sigmas, kind="ode")
+    step, close = counting(lambda x, sigma: velocity(x, sigma, text), len(sigmas) - 1, progress,
+                           enabled=bool(progress))
+    try:
+        trajectory = sample(step, noise, sigmas, kind="ode")
+    finally:
+        close()
     videos = decode(trajectory.final)
     scores = rewards(videos, expanded)
     return EvalResult(expanded, scores, rewards.total(scores), videos)

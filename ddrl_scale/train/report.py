@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 
 from ddrl_scale.storage.run_files import atomic_write_json
 from ddrl_scale.train.metrics import read_metrics
@@ -70,10 +70,26 @@ def save_gif(frames: np.ndarray, path: str | Path, frame_ms: int = 150) -> Path:
     return Path(path)
 
 
-def before_after_gif(before: torch.Tensor, after: torch.Tensor, path: str | Path,
-                     columns: int = 8) -> Path:
-    """Two grids side by side, before on the left, after on the right, same prompts and noise."""
+def labelled(frames: np.ndarray, label: str) -> np.ndarray:
+    """uint8 frames (T, H, W, 3) under a white band holding `label` in black (widened to fit it)."""
+    font = ImageFont.load_default()
+    _, _, text_width, text_height = font.getbbox(label)
+    band, width = text_height + 6, max(frames.shape[2], text_width + 8)
+    header = Image.new("RGB", (width, band), "white")
+    ImageDraw.Draw(header).text((4, 3), label, fill="black", font=font)
+    out = np.full((frames.shape[0], band + frames.shape[1], width, 3), 255, dtype=np.uint8)
+    out[:, :band] = np.asarray(header)
+    out[:, band:, :frames.shape[2]] = frames
+    return out
+
+
+def before_after_gif(before: torch.Tensor, after: torch.Tensor, path: str | Path, columns: int = 8,
+                     labels: tuple[str, str] | None = None) -> Path:
+    """Two grids side by side, before on the left, after on the right, same prompts and noise;
+    `labels` (before's, after's) go above them, so that nobody has to guess which side is which."""
     left, right = video_grid(before, columns), video_grid(after, columns)
+    if labels is not None:
+        left, right = labelled(left, labels[0]), labelled(right, labels[1])
     spacer = np.full((left.shape[0], left.shape[1], 8, 3), 255, dtype=np.uint8)
     return save_gif(np.concatenate([left, spacer, right], axis=2), path)
 

@@ -17,7 +17,6 @@ from collections import deque
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 from ddrl_scale import algo, kernels
 from ddrl_scale.algo.edm import edm_training_log_prob, schedule_from
@@ -46,6 +45,7 @@ from ddrl_scale.train.evaluate import EvalResult, eval_prompts, evaluate
 from ddrl_scale.train.loggers import build_loggers
 from ddrl_scale.train.metrics import MetricsWriter
 from ddrl_scale.train.preemption import StopRequest
+from ddrl_scale.train.progress import StepProgress
 
 logger = logging.getLogger(__name__)
 
@@ -281,11 +281,13 @@ class Trainer:
             metrics["grad_nonfinite_max"] = float(self.engine.nonfinite)
         return metrics
 
-    def run_evaluation(self) -> EvalResult:
+    def run_evaluation(self, label: str = "evaluation") -> EvalResult:
+        """label: the name of its progress bar (rank 0, with train.progress)."""
         train = self.config.train
         return evaluate(self.velocity, self.encode_text, self.vae.decode, self.rewards,
                         eval_prompts(self.config), train.eval_samples_per_prompt, self.latent_shape,
-                        self.sigmas, train.eval_seed, self.device)
+                        self.sigmas, train.eval_seed, self.device,
+                        progress=label if train.progress and self.world.is_main else "")
 
     # -- checkpoints ----------------------------------------------------------------------------
     def save(self) -> Path:
@@ -370,8 +372,8 @@ class Trainer:
             save_config(config, self.run_dir)
         stop = StopRequest(self.run_dir, self.world)
         writer = MetricsWriter(self.run_dir / "metrics.jsonl", resume_step=self.step) if main else None
-        progress = tqdm(total=config.train.steps, initial=self.step, desc="ddrl",
-                        disable=not (config.train.progress and main))
+        progress = StepProgress(config.train.steps, self.step, config.train.progress and main,
+                                self.kernel_backend)
         interval = config.train.telemetry_interval_s
         telemetry = TelemetrySampler(interval).start() if main and interval > 0 else None
         finished = True
@@ -384,14 +386,13 @@ class Trainer:
                 metrics = {**metrics, **(telemetry.snapshot() if telemetry else {})}
                 writer.write(metrics)
                 self.loggers.log_metrics(metrics, self.step)
-            progress.update(1)
-            progress.set_postfix(reward=f"{metrics['reward_mean']:.3f}",
-                                 data=f"{metrics.get('data_loss', float('nan')):.3f}")
+            progress.step(reward=f"{metrics['reward_mean']:.3f}",
+                          data=f"{metrics.get('data_loss', float('nan')):.3f}")
             if config.train.save_every and self.step % config.train.save_every == 0:
                 with self.timer.phase("checkpoint"):  # counted in the next step's metrics
                     self.save()
             if self.step < config.train.steps and stop.requested():
-                logger.warning("preemption requested: checkpointing step %d and stopping", self.step)
+                logger.warning("%s: checkpointing step %d and stopping", stop.reason, self.step)
                 finished = False
                 break
         progress.close()
