@@ -53,7 +53,8 @@ def cuda_stack() -> dict[str, Any]:
     nccl = NONE
     if dist.is_available() and dist.is_nccl_available():
         with contextlib.suppress(Exception):  # the NCCL library may be absent at run time
-            nccl = ".".join(str(part) for part in torch.cuda.nccl.version())
+            version = torch.cuda.nccl.version()  # (major, minor, patch[, suffix]); an int on old torch
+            nccl = ".".join(str(part) for part in version) if isinstance(version, tuple) else str(version)
     info["nccl"] = nccl
     info["distributed_backends"] = [name for name, check in (("nccl", "is_nccl_available"),
                                                              ("gloo", "is_gloo_available"),
