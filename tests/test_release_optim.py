@@ -79,3 +79,48 @@ def test_release_optim_config_errors():
         load_config(None, ["optim.ema_kind=power", "optim.ema_rate=0.5"])
     with pytest.raises(ConfigError, match="optim.force_finite_grads"):
         load_config(None, ["optim.force_finite_grads=true", "parallel.engine=deepspeed"])
+
+
+def _run(overrides, out, steps):
+    from ddrl_scale.train.metrics import read_metrics
+    from ddrl_scale.train.run import run_training
+
+    config = load_config(None, [*overrides, "train.eval_prompts=0", f"run.output_dir={out}",
+                                f"train.steps={steps}", "train.resume=auto"])
+    run_training(config)
+    return read_metrics(out / "metrics.jsonl")
+
+
+def test_update_ref_every_makes_the_kl_zero_right_after_a_copy(tiny_overrides, tmp_path):
+    kl = ["algo.kl_beta=0.1"]
+    copied = _run([*tiny_overrides, *kl, "algo.update_ref_every=1"], tmp_path / "a", 3)
+    frozen = _run([*tiny_overrides, *kl], tmp_path / "b", 3)
+    assert copied[0]["kl"] == frozen[0]["kl"] == 0.0  # step 1: reference == starting policy
+    assert all(record["kl"] == 0.0 for record in copied)  # copied after every step: fp32, exact
+    assert frozen[1]["kl"] > 0 and frozen[2]["kl"] > 0
+
+
+def test_rollouts_from_the_reference_are_off_policy(tiny_overrides, tmp_path):
+    records = _run([*tiny_overrides, "rollout.from_reference=true"], tmp_path / "a", 3)
+    assert records[0]["ratio_max_dev"] == 0.0  # the reference is the starting policy
+    assert records[1]["ratio_max_dev"] > 0 and records[2]["ratio_max_dev"] > 0
+    with_copy = _run([*tiny_overrides, "rollout.from_reference=true", "algo.update_ref_every=1"],
+                     tmp_path / "b", 3)
+    assert all(record["ratio_max_dev"] == 0.0 for record in with_copy)  # on-policy again
+
+
+def test_the_updated_reference_resumes_exactly(tiny_overrides, tmp_path):
+    extra = [*tiny_overrides, "algo.kl_beta=0.1", "algo.update_ref_every=3", "train.save_every=1"]
+    whole = _run(extra, tmp_path / "a", 5)
+    _run(extra, tmp_path / "b", 4)
+    resumed = _run(extra, tmp_path / "b", 5)
+    assert [r["step"] for r in resumed] == [1, 2, 3, 4, 5]
+    assert [r["kl"] for r in whole] == [r["kl"] for r in resumed]
+    assert whole[3]["kl"] == 0.0 and whole[4]["kl"] > 0  # copied after step 3
+
+
+def test_reference_option_errors():
+    with pytest.raises(ConfigError, match="algo.update_ref_every"):
+        load_config(None, ["algo.update_ref_every=2"])  # kl_beta 0, on-policy: nothing uses it
+    with pytest.raises(ConfigError, match="rollout.from_reference"):
+        load_config(None, ["rollout.from_reference=true", "rollout.mode=disaggregated"])

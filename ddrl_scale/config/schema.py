@@ -198,6 +198,9 @@ class AlgoSection:
     train_random_steps: int = 0
     # probability that a data-term sample's caption is replaced by the empty prompt (release: 0.2)
     data_caption_dropout: float = 0.0
+    # copy the policy into the reference (KL and rollout.from_reference) every k steps; 0 = never
+    # (the release's update_ref_every_iter)
+    update_ref_every: int = 0
 
     def __post_init__(self) -> None:
         _check(self.preset in ("paper", "release"), "algo.preset", "paper|release", self.preset)
@@ -212,6 +215,7 @@ class AlgoSection:
                self.train_timestep_offset)
         _check(self.clip_eps > 0, "algo.clip_eps", "> 0", self.clip_eps)
         _check(self.train_random_steps >= 0, "algo.train_random_steps", ">= 0", self.train_random_steps)
+        _check(self.update_ref_every >= 0, "algo.update_ref_every", ">= 0", self.update_ref_every)
         _check(0 <= self.data_caption_dropout < 1, "algo.data_caption_dropout", "in [0, 1)",
                self.data_caption_dropout)
         for key in ("policy_weight", "data_beta", "kl_beta", "loss_scale", "advantage_clamp"):
@@ -348,6 +352,8 @@ class RolloutSection:
     publish_bucket_mb: float = 256.0  # weights stream to rollout ranks in buckets of this size
     verify_publish: bool = False  # checksum the rollout ranks' weights against the trainers' each step
     timeout_s: float = 1800.0  # a trainer waits this long for a rollout rank (it for orders: + parallel's)
+    # sample the rollouts with the reference model, not the policy (the release's on_policy=false)
+    from_reference: bool = False
 
     def __post_init__(self) -> None:
         _check(self.mode in ("colocated", "disaggregated"), "rollout.mode", "colocated|disaggregated",
@@ -444,6 +450,12 @@ class RunConfig:
         _check(self.rollout.tp_size == 1 or self.model.kind == "dit", "rollout.tp_size",
                "1 unless model.kind=dit (tensor-parallel rollout copies are built for the VideoDiT)",
                self.rollout.tp_size)
+        _check(not self.rollout.from_reference or self.rollout.mode == "colocated",
+               "rollout.from_reference", "false with rollout.mode=disaggregated (rollout ranks hold "
+               "the published policy)", self.rollout.from_reference)
+        _check(not self.algo.update_ref_every or self.algo.kl_beta > 0 or self.rollout.from_reference,
+               "algo.update_ref_every", "0 unless algo.kl_beta > 0 or rollout.from_reference (nothing "
+               "else uses the reference)", self.algo.update_ref_every)
         _check(not self.optim.force_finite_grads or self.parallel.engine != "deepspeed",
                "optim.force_finite_grads", "false with parallel.engine=deepspeed (DeepSpeed steps "
                "inside its own backward, before the engine sees the gradients)",

@@ -97,8 +97,8 @@ class Trainer:
         seed_everything(config.run.seed)
         self.world = world or init_world(config.run.device, config.parallel.timeout_s)
         self.device = self.world.device
-        # every rank reads the step's global prompt batch and keeps its own contiguous share
         check_run_plan(config, self.world.world_size)  # named errors before anything is built
+        # every rank reads the step's global prompt batch and keeps its own contiguous share
         self.model_parallel = config.parallel.cp * config.parallel.tp
         self.prompt_slice = local_slice(config.algo.prompts_per_step, self.world, self.model_parallel,
                                         "algo.prompts_per_step")
@@ -107,9 +107,11 @@ class Trainer:
         self.rewards = WeightedRewards.from_specs(config.rewards)
         self.loss_fn = algo.get("loss", config.algo.name)
         model = build_model(config)
-        # Flow-GRPO's reverse KL needs the frozen starting policy; DDRL (kl_beta = 0) does not
+        # Flow-GRPO's reverse KL, and rollouts from the reference (the release's on_policy=false),
+        # need the starting policy (updated every algo.update_ref_every steps); DDRL does not
+        uses_reference = config.algo.kl_beta > 0 or config.rollout.from_reference
         self.reference = copy.deepcopy(model).requires_grad_(False).to(self.device) \
-            if config.algo.kl_beta > 0 else None
+            if uses_reference else None
         trained_per_iteration = len(step_plan(config.algo, config.sampler.num_steps).steps)
         self.engine = build_engine(model, config.optim, config.parallel, self.world, config.run.dtype,
                                    accumulation_steps=trained_per_iteration)
@@ -158,6 +160,20 @@ class Trainer:
     def velocity(self, latents: torch.Tensor, sigma: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
         return self.engine.forward(latents, sigma, text)
 
+    @torch.no_grad()
+    def reference_velocity(self, latents: torch.Tensor, sigma: torch.Tensor,
+                           text: torch.Tensor) -> torch.Tensor:
+        with autocast(self.device, self.config.run.dtype):  # as the policy runs
+            return self.reference(latents, sigma, text)
+
+    @torch.no_grad()
+    def update_reference(self) -> None:
+        """algo.update_ref_every: the reference becomes a copy of the policy (every rank calls:
+        a sharded engine gathers one tensor at a time)."""
+        parameters = dict(self.reference.named_parameters())
+        for name, tensor in self.engine.full_weights():
+            parameters[name].copy_(tensor)
+
     def next_batch(self) -> AnchorBatch:
         batch = self.loader.next_batch()
         text = getattr(batch, "text", None)  # precomputed caption embeddings, when present
@@ -179,7 +195,8 @@ class Trainer:
         # the prompts are the captions, each repeated G times in order
         group = self.config.algo.group_size
         encode = self.encode_text if batch.text is None else (lambda _: self.batch_text(batch, group))
-        return generate_rollouts(self.velocity, encode, self.vae.decode,
+        velocity = self.reference_velocity if self.config.rollout.from_reference else self.velocity
+        return generate_rollouts(velocity, encode, self.vae.decode,
                                  TimedRewards(self.rewards, self.timer),
                                  batch.captions, self.latent_shape, self.sigmas, self.config.sampler,
                                  self.config.algo, self.config.run.seed, self.step,
@@ -298,6 +315,9 @@ class Trainer:
             loader = gather_state(self.loader, loader)
         trainer_state = {"loader": loader,
                          "dit_config": json.dumps(self.engine.model.config.to_dict())}
+        if self.config.algo.update_ref_every:  # no longer the starting weights: keep it
+            trainer_state["reference"] = {name: p.detach().cpu()
+                                          for name, p in self.reference.named_parameters()}
         return save_checkpoint(self.run_dir, self.step, self.engine, trainer_state, self.world,
                                self.config.train.keep_last)
 
@@ -309,6 +329,11 @@ class Trainer:
             return
         state = load_checkpoint(path, self.engine, self.world)
         self.loader.load_state_dict(state["loader"])
+        if self.config.algo.update_ref_every:
+            if "reference" not in state:
+                raise ConfigError(f"config key 'algo.update_ref_every': the checkpoint '{path}' holds "
+                                  f"no reference weights (written with update_ref_every=0)")
+            self.reference.load_state_dict(state["reference"])
         self.step = int(state["step"])
         logger.info("resumed from %s at step %d", path, self.step)
 
@@ -337,6 +362,9 @@ class Trainer:
                 rollouts, metrics = self.remote.receive(step, batch)
         metrics.update(self.optimize(batch, rollouts))
         self.step += 1
+        every = self.config.algo.update_ref_every
+        if every and self.step % every == 0:
+            self.update_reference()
         if self.remote is not None:
             with timer.phase("publish"):
                 self.remote.after_step(self.step)
