@@ -119,6 +119,18 @@ def test_sampler_without_nvml_falls_back_to_psutil_and_says_so_once(monkeypatch,
         assert metrics["cpu_percent"] >= 0
 
 
+def test_a_cpu_run_samples_psutil_without_looking_for_nvml(caplog):
+    """gpus=False (the trainer's choice for run.device=cpu): no NVML, and nothing said about it."""
+    class Exploding:
+        def nvmlInit(self):
+            raise AssertionError("NVML must not be opened for a CPU run")
+
+    with caplog.at_level(logging.WARNING, logger=LOGGER):
+        sampler = TelemetrySampler(interval_s=0.5, nvml=Exploding(), gpus=False)
+    assert sampler.source == "psutil" and not _fallback_warnings(caplog)
+    assert "rss_gb" in sampler.snapshot()
+
+
 def test_sampler_with_the_real_pynvml_and_no_gpu_falls_back(caplog):
     pynvml = pytest.importorskip("pynvml", reason="needs nvidia-ml-py (the telemetry extra)")
     try:

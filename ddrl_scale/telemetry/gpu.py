@@ -53,11 +53,12 @@ class TelemetrySampler:
 
     devices: NVML indices (as nvidia-smi numbers them) to sample; None = the visible ones.
     nvml: a module with pynvml's interface, to use instead of importing pynvml (tests pass a
-    stand-in). Metric names use the NVML index: `gpu{index}_util` and so on.
+    stand-in). Metric names use the NVML index: `gpu{index}_util` and so on. gpus=False: a run
+    on the CPU, straight to psutil without looking for NVML (and without saying it is missing).
     """
 
     def __init__(self, interval_s: float = 1.0, devices: Sequence[int] | None = None, *,
-                 nvml: ModuleType | Any | None = None):
+                 nvml: ModuleType | Any | None = None, gpus: bool = True):
         if not interval_s > 0:
             raise ValueError(f"TelemetrySampler interval_s: expected a number of seconds > 0, "
                              f"got {interval_s!r}")
@@ -76,7 +77,8 @@ class TelemetrySampler:
         self._process = None
         self._closed = False
         self.source = "none"
-        self._open_nvml(nvml, devices)
+        if gpus:
+            self._open_nvml(nvml, devices)
         if self._nvml is None:
             self._open_psutil()
 

@@ -403,7 +403,8 @@ class Trainer:
         progress = StepProgress(config.train.steps, self.step, config.train.progress and main,
                                 self.kernel_backend)
         interval = config.train.telemetry_interval_s
-        telemetry = TelemetrySampler(interval).start() if main and interval > 0 else None
+        telemetry = (TelemetrySampler(interval, gpus=self.device.type == "cuda").start()
+                     if main and interval > 0 else None)  # a CPU run does not look for NVML
         finished = True
         if self.remote is not None:
             self.remote.publish(self.step)  # the rollout ranks start from the trainers' weights
