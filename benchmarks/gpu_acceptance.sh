@@ -6,16 +6,18 @@
 # benchmarks/results/<date>-gpu-<gpu>.md. The steps and the report are benchmarks/gpu_acceptance.py.
 #
 #   bash benchmarks/gpu_acceptance.sh [--dry-run] [--no-install] [--with-flash] [--venv DIR] [--out DIR]
+#                                     [--results DIR]
 #
 #   --dry-run     print every step and check the prerequisites (nvidia-smi, GPUs, Python, disk); run nothing
 #   --no-install  use this environment's Python ($PYTHON or python3; the project installed in it)
 #   --with-flash  also install flash-attn (README's last step; may compile for a long time)
 #   --venv DIR    the environment to create and install into (default .venv-gpu)
 #   --out DIR     step outputs and logs (default outputs/gpu_acceptance)
+#   --results DIR where the report goes (default benchmarks/results)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
-dry_run=0 install=1 with_flash=0 venv=.venv-gpu out=outputs/gpu_acceptance
+dry_run=0 install=1 with_flash=0 venv=.venv-gpu out=outputs/gpu_acceptance results=benchmarks/results
 while (($#)); do
   case "$1" in
     --dry-run) dry_run=1 ;;
@@ -23,7 +25,8 @@ while (($#)); do
     --with-flash) with_flash=1 ;;
     --venv) venv="$2"; shift ;;
     --out) out="$2"; shift ;;
-    -h|--help) sed -n '2,14p' "$0"; exit 0 ;;
+    --results) results="$2"; shift ;;
+    -h|--help) sed -n '2,16p' "$0"; exit 0 ;;
     *) echo "gpu_acceptance.sh: unknown argument '$1' (see --help)" >&2; exit 2 ;;
   esac
   shift
@@ -66,7 +69,7 @@ if ((dry_run)); then
     echo "step $n: $name (limit ${limit} s$([[ $critical == 1 ]] && echo ', stops the run on failure')): $command"
   done <<<"$plan"
   ((with_flash)) || echo "(flash-attn is not installed without --with-flash; the attention step then checks SDPA only)"
-  echo "step $((n + 1)): report: $host_python benchmarks/gpu_acceptance.py report --out $out"
+  echo "step $((n + 1)): report: $host_python benchmarks/gpu_acceptance.py report --out $out --results $results"
   echo "dry run: nothing was run"
   exit 0
 fi
@@ -89,5 +92,5 @@ while IFS=$'\t' read -r name limit critical command; do
   fi
 done <<<"$plan"
 
-helper report --out "$out" || failed=1
+helper report --out "$out" --results "$results" || failed=1
 exit "$failed"

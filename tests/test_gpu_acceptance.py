@@ -112,6 +112,9 @@ def test_report_renders_the_steps_outputs(tmp_path):
     """The report from a folder of step outputs (stand-in numbers, written to tmp_path only)."""
     out, results = tmp_path / "out", tmp_path / "results"
     (out / "demo").mkdir(parents=True)
+    with pytest.raises(SystemExit, match="no report"):  # the run stopped before the GPUs were known
+        gpu_acceptance.cmd_report(out, results)
+    assert not results.exists()
     info = {"date": "2030-01-02", "host": "h", "python": "3.11", "torch": "2.13.0", "cuda": "13.0",
             "driver": "580.1", "nccl": "2.29.7", "gpus": [{"index": 0, "name": "NVIDIA H200",
                                                             "capability": "sm_90", "memory_gb": 150.0}],
