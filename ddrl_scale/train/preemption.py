@@ -159,7 +159,8 @@ class StopRequest:
         if self.world.distributed:
             # on the world's device: NCCL has no CPU tensors
             flag = torch.tensor([float(local)], device=self.world.device)
-            collective("all_reduce(stop request)", lambda: dist.all_reduce(flag, op=dist.ReduceOp.MAX))
+            collective("all_reduce(stop request)", lambda: dist.all_reduce(flag, op=dist.ReduceOp.MAX),
+                       [flag])
             local = int(flag.item())
         _state.agreed = max(_state.agreed, local)
         return local > NONE

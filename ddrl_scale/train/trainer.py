@@ -30,7 +30,7 @@ from ddrl_scale.data.anchor import AnchorBatch
 from ddrl_scale.data.sharded import build_loader, gather_state
 from ddrl_scale.models import build_model, build_text_encoder, build_vae
 from ddrl_scale.parallel import World, build_engine, init_world
-from ddrl_scale.parallel.distributed import barrier, reduce_metrics
+from ddrl_scale.parallel.distributed import barrier, check_object_device, reduce_metrics
 from ddrl_scale.parallel.roles import Roles
 from ddrl_scale.rewards import WeightedRewards
 from ddrl_scale.rollout import RolloutBatch, generate_rollouts
@@ -312,6 +312,7 @@ class Trainer:
         # (and orders rollouts for) the read-ahead batches again
         loader = self.pending[0][2] if self.pending else self.loader.state_dict()
         if self.sharded_data:  # every rank's own position, gathered (a collective)
+            check_object_device("all_gather_object(loader state)", self.world)
             loader = gather_state(self.loader, loader)
         trainer_state = {"loader": loader,
                          "dit_config": json.dumps(self.engine.model.config.to_dict())}
