@@ -106,7 +106,9 @@ def test_prepare_folder_writes_the_encoded_frames_and_lists_bad_inputs(tmp_path)
     assert "cannot decode" in reasons["broken.mp4"] and "no caption" in reasons["nocaption.mp4"]
     assert "too short" in reasons["short.mp4"]
     index = json.loads((tmp_path / "out" / fmt.INDEX_NAME).read_text())
-    assert index["num_samples"] == 5 and index["num_skipped"] == 3 and index["num_shards"] == 3
+    # the third unit (nocaption.mp4, short.mp4) has no good input: no shard for it
+    assert index["num_samples"] == 5 and index["num_skipped"] == 3 and index["num_shards"] == 2
+    assert not (tmp_path / "out" / "part-000002.tar").exists()
     samples = _samples(tmp_path / "out")
     assert sorted(samples) == [f"clip{i}" for i in range(5)]
     vae = build_vae("pixel")
@@ -350,3 +352,93 @@ def test_round_trip_mp4_to_a_ddrl_step(tmp_path, tiny_overrides):
     assert metrics["step"] == 1 and math.isfinite(metrics["loss"]) and metrics["data_loss"] > 0
     assert trainer.loader.metrics()["samples"] == 2 and trainer.loader.skipped == 0
     trainer.loader.close()
+
+
+# -- what `ddrl data prepare` says (issue 24) --------------------------------------------------------------
+def _bad_inputs(folder: Path) -> None:
+    """An empty file, a file of junk bytes and a caption-less video, all sorted after clip*."""
+    (folder / "x_empty.mp4").write_bytes(b"")
+    (folder / "x_empty.txt").write_text("an empty file")
+    (folder / "x_junk.mp4").write_bytes(b"definitely not an mp4 file")
+    (folder / "x_junk.txt").write_text("junk")
+    write_video(folder / "x_nocaption.mp4", pattern_video(8, 16, 16))
+
+
+def test_prepare_says_empty_file_and_names_each_skipped_input_once(tmp_path, capsys, caplog):
+    """0 bytes -> "empty file"; FFmpeg's errno and file name are not repeated; every skipped input
+    appears once in all the output (the summary), not again in the log."""
+    videos = tmp_path / "videos"
+    make_videos(videos, 3)
+    _bad_inputs(videos)
+    caplog.set_level("DEBUG", logger="ddrl_scale.data.prepare")
+    caplog.set_level("INFO")
+    assert _run(["prepare", str(videos), "--out", str(tmp_path / "out"), "--num-frames", "4",
+                 "--height", "8", "--width", "8", "--samples-per-shard", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "  skipped x_empty.mp4: empty file (0 bytes)\n" in out
+    assert "  skipped x_junk.mp4: cannot decode video (Invalid data found when processing input)\n" in out
+    assert "Errno" not in out and "<none>" not in out
+    logged = "\n".join(record.getMessage() for record in caplog.records if record.levelno >= 20)
+    for name in ("x_empty.mp4", "x_junk.mp4", "x_nocaption.mp4"):
+        assert (out + logged).count(name) == 1, (name, out, logged)
+
+
+def test_prepare_writes_no_empty_shard_and_a_rerun_reports_the_index(tmp_path, capsys):
+    """The last unit's three inputs are all bad: no part-000001.tar, the index lists one shard and
+    counts the three skipped; the folder validates and loads; a rerun prints the index's totals."""
+    videos, out = tmp_path / "videos", tmp_path / "out"
+    make_videos(videos, 3)
+    _bad_inputs(videos)
+    argv = ["prepare", str(videos), "--out", str(out), "--num-frames", "4", "--height", "8",
+            "--width", "8", "--samples-per-shard", "3"]
+    assert _run(argv) == 0
+    first = capsys.readouterr().out
+    assert sorted(path.name for path in out.glob("*.tar*")) == ["part-000000.tar"]
+    index = json.loads((out / fmt.INDEX_NAME).read_text())
+    assert (index["num_shards"], index["num_samples"], index["num_skipped"]) == (1, 3, 3)
+    assert [shard["name"] for shard in index["shards"]] == ["part-000000.tar"]
+    sidecar = json.loads((out / fmt.SIDECAR_DIR / "part-000001.json").read_text())
+    assert sidecar["num_samples"] == 0 and len(sidecar["skipped"]) == 3  # the reasons are kept
+    assert "3 samples in 1 shards, 3 inputs skipped in the index" in first
+    assert validate(str(out)).ok
+    assert ShardedAnchorLoader([str(out / "part-000000.tar")], 3).num_samples == 3
+    assert _run(argv) == 0
+    again = capsys.readouterr().out
+    assert "all already done" in again and "0 inputs skipped" not in again
+    assert "3 samples in 1 shards, 3 inputs skipped in the index" in again
+
+
+def test_prepare_names_the_bad_member_of_a_tar_input(tmp_path):
+    inputs = tmp_path / "v2d"
+    inputs.mkdir()
+    tar_path = _video2dataset_tar(inputs / "00000.tar", [pattern_video(6, 16, 24)])
+    with tarfile.open(tar_path, "a") as tar:
+        fmt.add_sample(tar, "000000009", {"mp4": b"junk bytes", "txt": b"a junk member"})
+        fmt.add_sample(tar, "000000010", {"mp4": b"", "txt": b"an empty member"})
+    summary = prepare(str(inputs), tmp_path / "out", SMALL)
+    reasons = {entry["source"].rsplit(":", 1)[1]: entry["reason"] for entry in summary.skipped}
+    assert reasons == {
+        "000000009": "member '000000009.mp4': cannot decode video (Invalid data found when processing input)",
+        "000000010": "member '000000010.mp4': empty file (0 bytes)"}
+
+
+def test_prepare_names_a_missing_input_as_the_input(tmp_path, capsys):
+    for missing, words in ((tmp_path / "no_such_folder", "input '{}' does not exist"),
+                           (tmp_path / "no_such_*.tar", "input pattern '{}' matches no file")):
+        assert _run(["prepare", str(missing), "--out", str(tmp_path / "out")]) == 2
+        err = capsys.readouterr().err
+        assert words.format(missing) in err and "data.shards" not in err
+    video = write_video(tmp_path / "one.mp4", pattern_video(8, 16, 16))
+    assert _run(["prepare", str(video), "--out", str(tmp_path / "out")]) == 2
+    assert "is one video file" in capsys.readouterr().err
+
+
+def test_prepare_with_no_good_input_exits_2(tmp_path, capsys):
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    _bad_inputs(videos)
+    assert _run(["prepare", str(videos), "--out", str(tmp_path / "out"), "--num-frames", "4",
+                 "--height", "8", "--width", "8"]) == 2
+    captured = capsys.readouterr()
+    assert "no input of" in captured.err and "3 skipped" in captured.err
+    assert not list((tmp_path / "out").glob("*.tar"))

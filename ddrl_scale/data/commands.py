@@ -80,13 +80,36 @@ def cmd_prepare(args: argparse.Namespace) -> None:
                           args.overwrite, args.verify_existing)
     except (PrepareError, ShardFormatError, FileNotFoundError, ValueError) as error:
         _fail(error)
-    print(f"task: {summary.units_in_task} of {summary.units_total} shards ({summary.units_already_done} "
-          f"already done, {summary.units_written} written, {summary.samples_written} samples, "
-          f"{summary.inputs_skipped} inputs skipped) in {summary.seconds:.1f} s")
-    for entry in summary.skipped:
-        print(f"  skipped {entry['source']}: {entry['reason']}")
-    print(f"index: {summary.index_path}" if summary.index_path else
-          "index: not written yet (other tasks' shards are not all done)")
+    for line in prepare_report(summary):
+        print(line)
+    if summary.index_totals is not None and summary.index_totals["num_samples"] == 0:
+        _fail(ValueError(f"prepare: no input of '{args.input}' gave a sample "
+                         f"({summary.index_totals['num_skipped']} skipped; the reasons are above)"))
+
+
+MAX_LISTED_SKIPPED = 20  # the summary names this many skipped inputs; the sidecars list them all
+
+
+def prepare_report(summary) -> list[str]:
+    """The lines `ddrl data prepare` prints: this run's work, each skipped input once, and the
+    index's totals (the same on a rerun that had nothing left to do)."""
+    head = f"task: {summary.units_in_task} of {summary.units_total} units"
+    lines = [f"{head}, all already done (nothing written)" if not summary.units_written else
+             f"{head} ({summary.units_already_done} already done, {summary.units_written} written now: "
+             f"{summary.samples_written} samples, {summary.inputs_skipped} inputs skipped) in "
+             f"{summary.seconds:.1f} s"]
+    lines += [f"  skipped {entry['source']}: {entry['reason']}"
+              for entry in summary.skipped[:MAX_LISTED_SKIPPED]]
+    if len(summary.skipped) > MAX_LISTED_SKIPPED:
+        lines.append(f"  ... and {len(summary.skipped) - MAX_LISTED_SKIPPED} more (every skipped input "
+                     "is listed in index/part-*.json, 'skipped')")
+    if summary.index_totals is None:
+        lines.append("index: not written yet (other tasks' units are not all done)")
+    else:
+        totals = summary.index_totals
+        lines.append(f"index: {summary.index_path}: {totals['num_samples']} samples in "
+                     f"{totals['num_shards']} shards, {totals['num_skipped']} inputs skipped in the index")
+    return lines
 
 
 def cmd_validate(args: argparse.Namespace) -> None:

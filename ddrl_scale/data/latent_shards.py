@@ -413,9 +413,14 @@ def scan_headers(path: str) -> tuple[int, int | None]:
 
 def write_index(out: Path, sidecars: list[dict], params: dict, extra: dict | None = None) -> Path:
     """`out/index.json` from the shards' sidecars (each: name, num_samples, bytes, sha256, samples,
-    skipped), in the given order; the sidecars are expected under `out/index/<shard stem>.json`."""
+    skipped), in the given order; the sidecars are expected under `out/index/<shard stem>.json`.
+    A sidecar of a unit that wrote no shard file (`sha256` None: every input was skipped) is not
+    listed; its skipped inputs still count in `num_skipped`."""
     shards = []
-    for sidecar in sidecars:
+    written = [sidecar for sidecar in sidecars if sidecar.get("sha256") is not None]
+    empty_skipped = sum(len(sidecar.get("skipped", [])) for sidecar in sidecars
+                        if sidecar.get("sha256") is None)
+    for sidecar in written:
         shapes: dict[str, int] = {}
         for sample in sidecar["samples"]:
             shapes[shape_name(sample["shape"])] = shapes.get(shape_name(sample["shape"]), 0) + 1
@@ -426,7 +431,8 @@ def write_index(out: Path, sidecars: list[dict], params: dict, extra: dict | Non
                        "num_skipped": len(sidecar.get("skipped", []))})
     index = {"format": INDEX_FORMAT, "version": INDEX_VERSION, "params": params, **(extra or {}),
              "num_samples": sum(shard["num_samples"] for shard in shards), "num_shards": len(shards),
-             "num_skipped": sum(shard["num_skipped"] for shard in shards), "shards": shards}
+             "num_skipped": sum(shard["num_skipped"] for shard in shards) + empty_skipped,
+             "shards": shards}
     write_json_atomic(Path(out) / INDEX_NAME, index)
     return Path(out) / INDEX_NAME
 

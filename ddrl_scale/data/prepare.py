@@ -27,8 +27,10 @@ whose shard file has the recorded size and SHA-256 is not redone; a shard is wri
 task that finds every unit done writes `index.json` (so the last task of an array writes it; rerun
 `prepare` on the same folder to (re)write it by hand).
 
-Bad inputs (undecodable or too short videos, missing captions, truncated tar members) are skipped,
-logged with their source, listed in the sidecar and counted; they never stop the job.
+Bad inputs (empty, undecodable or too short videos, missing captions, truncated tar members) are
+skipped, listed with their source and reason in the sidecar and in the task's summary, and counted;
+they never stop the job. A unit none of whose inputs gives a sample writes its sidecar (the skipped
+list) but no shard file, and the index does not list it: no empty shard reaches the loader.
 """
 
 from __future__ import annotations
@@ -134,6 +136,8 @@ class PrepareSummary:
     index_path: Path | None
     seconds: float
     skipped: list[dict] = field(default_factory=list)
+    # the whole index's counts once it is written (a rerun writes nothing, but the index has them)
+    index_totals: dict[str, int] | None = None
 
 
 # -- planning --------------------------------------------------------------------------------------
@@ -142,6 +146,7 @@ def make_plan(input_spec: str, settings: PrepareSettings) -> Plan:
     from ddrl_scale.data.shards import resolve_shards
 
     path = Path(input_spec)
+    _check_input(input_spec, path)
     if path.is_dir():
         videos = sorted(p.relative_to(path).as_posix() for p in path.rglob("*")
                         if p.suffix.lower() in VIDEO_EXTENSIONS and p.is_file())
@@ -152,9 +157,23 @@ def make_plan(input_spec: str, settings: PrepareSettings) -> Plan:
         if not any(path.glob("*.tar")):
             raise FileNotFoundError(f"prepare: input folder '{input_spec}' holds no video files "
                                     f"({', '.join(VIDEO_EXTENSIONS)}) and no .tar shards")
-    tars = resolve_shards(input_spec)
+    try:
+        tars = resolve_shards(input_spec)
+    except FileNotFoundError as error:  # its words are about data.shards; here the shards are the input
+        raise FileNotFoundError(f"prepare: input {str(error).removeprefix('data.shards: ')}") from None
     units = [Unit(f"part-{i:06d}.tar", [url]) for i, url in enumerate(tars)]
     return Plan("tars", input_spec, units, settings.params())
+
+
+def _check_input(input_spec: str, path: Path) -> None:
+    """A local input that is not there, or one video file, named as the input (not as shards)."""
+    pattern = any(char in input_spec for char in "*?[{")
+    if fmt.is_local(input_spec) and not pattern and not path.exists():
+        raise FileNotFoundError(f"prepare: input '{input_spec}' does not exist (expected a folder of "
+                                "videos with captions, or video2dataset .tar shards)")
+    if path.is_file() and path.suffix.lower() in VIDEO_EXTENSIONS:
+        raise PrepareError(f"prepare: input '{input_spec}' is one video file: put the videos and their "
+                           "captions (.txt or .json beside each) in a folder and pass the folder")
 
 
 def task_from_env(task_index: int | None, num_tasks: int | None) -> tuple[int, int]:
@@ -204,6 +223,7 @@ class _Input:
     caption: str | None
     meta: dict
     error: str | None = None
+    member: str = ""  # the video's tar member name (tar inputs), named in its decode error
 
 
 def _safe_key(text: str) -> str:
@@ -248,7 +268,7 @@ def _tar_inputs(url: str) -> Iterator[_Input]:
         error = None if video_suffix else f"no video member (found {sorted(raw.members)})"
         error = error or (None if caption else "no caption (.txt or .json 'caption')")
         yield _Input(_safe_key(raw.key), source, raw.members.get(video_suffix) if video_suffix else None,
-                     caption, meta, error)
+                     caption, meta, error, f"{raw.key}.{video_suffix}" if video_suffix else "")
 
 
 _ENCODERS: dict[tuple, tuple] = {}  # per process: built once, used for every unit the process takes
@@ -303,9 +323,10 @@ def process_unit(out: Path, plan_kind: str, root: str, unit: Unit, settings: Pre
                     decoded = decode_video(item.video, settings.num_frames, settings.height,
                                            settings.width, settings.frame_stride)
                 except VideoDecodeError as error:
-                    item.error = str(error)
+                    item.error = f"member '{item.member}': {error}" if item.member else str(error)
             if item.error is not None:
-                logger.warning("prepare: skipping input '%s': %s", item.source, item.error)
+                # the task's summary lists it (once); the log has it only at debug level
+                logger.debug("prepare: skipping input '%s': %s", item.source, item.error)
                 skipped.append({"source": item.source, "reason": item.error})
                 continue
             key, suffix = item.key, 1
@@ -317,13 +338,20 @@ def process_unit(out: Path, plan_kind: str, root: str, unit: Unit, settings: Pre
                 flush(tar, batch)
         if batch:
             flush(tar, batch)
-    partial.replace(shard_path)
-    sidecar = {"name": unit.name, "num_samples": len(samples), "bytes": shard_path.stat().st_size,
-               "sha256": fmt.sha256_file(shard_path), "fingerprint": fingerprint,
-               "samples": samples, "skipped": skipped}
+    if samples:
+        partial.replace(shard_path)
+        size, digest = shard_path.stat().st_size, fmt.sha256_file(shard_path)
+    else:  # every input was bad: the sidecar keeps their reasons, no empty shard is left behind
+        partial.unlink()
+        shard_path.unlink(missing_ok=True)
+        size, digest = 0, None
+    sidecar = {"name": unit.name, "num_samples": len(samples), "bytes": size, "sha256": digest,
+               "fingerprint": fingerprint, "samples": samples, "skipped": skipped}
     sidecar_path = out / fmt.SIDECAR_DIR / (Path(unit.name).stem + ".json")
     sidecar_path.parent.mkdir(parents=True, exist_ok=True)
     fmt.write_json_atomic(sidecar_path, sidecar)
+    logger.info("prepare: %s: %d samples, %d inputs skipped%s", unit.name, len(samples), len(skipped),
+                "" if samples else " (no shard written)")
     return sidecar
 
 
@@ -331,11 +359,15 @@ def unit_done(out: Path, unit: Unit, fingerprint: str, verify: bool = True) -> d
     """The unit's sidecar when the unit is complete (and, with `verify`, its shard checksum holds)."""
     sidecar_path = out / fmt.SIDECAR_DIR / (Path(unit.name).stem + ".json")
     shard_path = out / unit.name
-    if not sidecar_path.is_file() or not shard_path.is_file():
+    if not sidecar_path.is_file():
         return None
     try:
         sidecar = json.loads(sidecar_path.read_text())
     except json.JSONDecodeError:
+        return None
+    if sidecar.get("sha256") is None:  # a unit without samples: done if its settings hold
+        return sidecar if sidecar.get("fingerprint") == fingerprint else None
+    if not shard_path.is_file():
         return None
     if sidecar.get("fingerprint") != fingerprint or sidecar.get("bytes") != shard_path.stat().st_size:
         return None
@@ -398,8 +430,12 @@ def prepare(input_spec: str, out: str | Path, settings: PrepareSettings, workers
         written = [_run_unit(job) for job in jobs]
     skipped = [entry for sidecar in written for entry in sidecar["skipped"]]
     index_path = merge_index(out, plan)
+    totals = None
     if index_path is None:
         logger.info("prepare: index not written yet: other tasks' units are not all done")
+    else:
+        index = json.loads(index_path.read_text())
+        totals = {name: int(index.get(name, 0)) for name in ("num_samples", "num_shards", "num_skipped")}
     return PrepareSummary(len(plan.units), len(mine), len(mine) - len(todo), len(written),
                           sum(sidecar["num_samples"] for sidecar in written), len(skipped), index_path,
-                          time.perf_counter() - start, skipped)
+                          time.perf_counter() - start, skipped, totals)

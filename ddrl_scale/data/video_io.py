@@ -66,6 +66,8 @@ def decode_video(source: str | Path | bytes, num_frames: int, height: int, width
         raise VideoDecodeError(f"num_frames and frame_stride must be >= 1, got {num_frames}, "
                                f"{frame_stride}")
     wanted = [index * frame_stride for index in range(num_frames)]
+    if _is_empty(source):  # FFmpeg would call it "invalid data"; the truth is plainer
+        raise VideoDecodeError("empty file (0 bytes)")
     handle = io.BytesIO(source) if isinstance(source, bytes) else str(source)
     frames: list[np.ndarray] = []
     try:
@@ -83,12 +85,26 @@ def decode_video(source: str | Path | bytes, num_frames: int, height: int, width
     except VideoDecodeError:
         raise
     except Exception as error:  # PyAV/FFmpeg errors come in many types; all mean "cannot decode"
-        raise VideoDecodeError(f"cannot decode video ({type(error).__name__}: {error})") from None
+        raise VideoDecodeError(f"cannot decode video ({_reason(error)})") from None
     if len(frames) < num_frames:
         raise VideoDecodeError(f"video too short: {len(frames)} of the {num_frames} frames wanted "
                                f"(frame_stride {frame_stride})")
     array = np.stack(frames)
     return DecodedVideo(resize_crop(array, height, width), (array.shape[1], array.shape[2]), fps, wanted)
+
+
+def _is_empty(source: str | Path | bytes) -> bool:
+    if isinstance(source, bytes):
+        return not source
+    path = Path(source)
+    return path.is_file() and path.stat().st_size == 0
+
+
+def _reason(error: Exception) -> str:
+    """FFmpeg's words for `error`, without the errno and the file name PyAV adds to them (the
+    caller names the input; a tar member has no file name: PyAV says '<none>')."""
+    words = getattr(error, "strerror", None)  # av.FFmpegError and OSError carry the message here
+    return words if isinstance(words, str) and words else f"{type(error).__name__}: {error}"
 
 
 def write_video(path: str | Path, frames: np.ndarray, fps: int = 8, codec: str = "libx264",
