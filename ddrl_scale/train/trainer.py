@@ -41,6 +41,7 @@ from ddrl_scale.telemetry.throughput import RUN_DTYPES, device_peak_flops, step_
 from ddrl_scale.telemetry.timers import PhaseTimer
 from ddrl_scale.train.anchor_data import demo_shards
 from ddrl_scale.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from ddrl_scale.train.early_checks import check_before_build
 from ddrl_scale.train.evaluate import EvalResult, eval_prompts, evaluate
 from ddrl_scale.train.loggers import build_loggers
 from ddrl_scale.train.metrics import MetricsWriter
@@ -98,6 +99,7 @@ class Trainer:
         self.world = world or init_world(config.run.device, config.parallel.timeout_s)
         self.device = self.world.device
         check_run_plan(config, self.world.world_size)  # named errors before anything is built
+        check_before_build(config)  # shards vs video.*, resume, model and reward files (early_checks)
         # every rank reads the step's global prompt batch and keeps its own contiguous share
         self.model_parallel = config.parallel.cp * config.parallel.tp
         self.prompt_slice = local_slice(config.algo.prompts_per_step, self.world, self.model_parallel,
