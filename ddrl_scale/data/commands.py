@@ -21,9 +21,19 @@ def add_data_commands(data_commands: argparse._SubParsersAction) -> None:
     prepare.add_argument("input", help="folder of videos with .txt/.json captions, or tar shards "
                                        "(folder, glob, brace pattern, pipe:/http URLs)")
     prepare.add_argument("--out", required=True, help="output folder (shards, index.json)")
-    prepare.add_argument("--num-frames", type=int, default=8)
-    prepare.add_argument("--height", type=int, default=16)
-    prepare.add_argument("--width", type=int, default=16)
+    # pixels; through the VAE they must give the run's video.* latent shape (README, "Post-train on
+    # your own videos"); the defaults with --vae pixel give the demo's 3x8x16x16
+    prepare.add_argument("--num-frames", type=int, default=8,
+                         help="frames taken from each video (every --frame-stride-th from the first); "
+                              "the VAE makes video.num_frames latent frames of them: pixel and patch:P "
+                              "as many, Wan's 1 + (F - 1) / 4 (default: %(default)s)")
+    prepare.add_argument("--height", type=int, default=16,
+                         help="pixel height after scale-to-cover and centre crop; height / the VAE's "
+                              "spatial factor (pixel 1, patch:P P, Wan 8) must be video.height "
+                              "(default: %(default)s)")
+    prepare.add_argument("--width", type=int, default=16,
+                         help="pixel width, likewise: width / the VAE's spatial factor must be "
+                              "video.width (default: %(default)s)")
     prepare.add_argument("--frame-stride", type=int, default=1, help="take every k-th frame")
     prepare.add_argument("--vae", default="pixel", help="pixel | patch:<P> | diffusers:<folder>")
     prepare.add_argument("--text-encoder", default="none",

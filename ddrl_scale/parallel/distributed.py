@@ -105,6 +105,8 @@ def check_devices(operation: str, tensors: Sequence[torch.Tensor], group: Group 
 def check_object_device(operation: str, world: World, group: Group = None) -> None:
     """Object collectives (all_gather_object, ...) pickle into tensors on the current CUDA device
     under nccl: that must be this rank's device (init_world sets it), or ranks would share a GPU."""
+    if world.world_size == 1:  # one process: no process group, no collective runs
+        return
     if backend_device(group) is None or backend_device(group).type != "cuda":
         return
     current = torch.cuda.current_device()
