@@ -505,3 +505,79 @@ def test_plan_command_on_this_cpu_measures_its_peak(capsys):
 if __name__ == "__main__" and "--worker" in sys.argv:
     _distributed_worker(sys.argv[sys.argv.index("--worker") + 1],
                         sys.argv[sys.argv.index("--worker") + 2:])
+
+
+# -- what would fit (issue 24 item 8) --------------------------------------------------------------------
+WAN14B = ["--config", str(ROOT / "configs" / "wan2.1_t2v_14b_16node.yaml"), "--gpu", "h100"]
+
+
+def _fastest(overrides: list[str], cluster: Cluster):
+    """The fastest feasible plan of the Wan 14B recipe (its latent shape) with `overrides`, or None."""
+    config = load_config(str(ROOT / "configs" / "wan2.1_t2v_14b_16node.yaml"), overrides)
+    feasible, _ = rank_plans(Workload.from_config(config), cluster)
+    return feasible[0] if feasible else None
+
+
+def test_infeasible_question_prints_the_smallest_change_of_each_knob(capsys):
+    """Wan2.1-14B on 8 x 8 H100: no plan; the report names, per knob, the nearest value that fits
+    (fewer prompts: CP2 splits a prompt group over two GPUs; more nodes) with its memory, or the
+    knob's far end and the memory it still needs (group size 2, the largest GPU)."""
+    assert main([*WAN14B, "--nodes", "8"]) == 0
+    out = capsys.readouterr().out
+    assert "no feasible plan" in out and "  what would fit" in out
+    eight_nodes = Cluster(H100, 8, 8)
+    assert _fastest(["algo.prompts_per_step=64"], eight_nodes) is None  # the nearer value does not fit
+    fits = _fastest(["algo.prompts_per_step=32"], eight_nodes)
+    assert fits.plan.cp == 2
+    memory = max(fits.memory["total"], fits.memory.get("rollout_rank_total", 0)) / 1e9
+    assert (f"alone:    --prompts 32 (algo.prompts_per_step=32): {fits.plan.describe()}, parallel.cp=2, "
+            f"{memory:.1f} GB per GPU") in out
+    assert _fastest(["algo.group_size=2"], eight_nodes) is None
+    assert "alone:    --group-size 2 (algo.group_size=2): not enough alone: " in out
+    assert "alone:    --gpu b200: not enough alone: " in out  # h200 (141 GB) and b200 (180 GB) both short
+    assert _fastest([], Cluster(DEVICES["b200"], 8, 8)) is None
+    assert "    alone:    --nodes " in out and "LoRA" in out
+    assert main([*WAN14B, "--nodes", "8", "--json"]) == 0
+    changes = json.loads(capsys.readouterr().out)["changes"]
+    prompts = next(change for change in changes if change["flags"] == "--prompts 32")
+    assert prompts["fits"] and prompts["cp"] == 2 and prompts["step_s"] > 0
+
+
+def test_changes_of_two_knobs_when_no_knob_alone_fits():
+    """One GPU per node and one head (no CP): with a memory between what group size 2 with one
+    prompt needs and the least any knob alone reaches, no knob alone fits and that pair does."""
+    from ddrl_scale.telemetry.plan import Assumptions
+    from ddrl_scale.telemetry.plan_changes import Question, describe_changes, knobs, smallest_changes
+
+    config = load_config(None, [*BASE, "model.num_heads=1", "algo.prompts_per_step=4", "algo.group_size=4",
+                                "video.height=64", "video.width=64"])  # activations dominate
+
+    def question(memory_gb: float) -> Question:
+        # a device named cpu: no larger GPU class to suggest (any real GPU dwarfs these sizes)
+        device = replace(H100, name="cpu", memory_gb=memory_gb)
+        return Question(config, None, Cluster(device, 1, 1), Assumptions(), (0,), (1,))
+
+    # with no memory at all, each verdict carries the plan of least memory
+    probe = question(1e-6)
+    by_flag = {knob.flag: knob for knob in knobs(config, probe.cluster)}
+    pair = probe.ask(((by_flag["--group-size"], 2), (by_flag["--prompts"], 1))).memory_gb
+    assert "--gpu" not in by_flag
+    verdicts = [probe.ask(((knob, value),)) for knob in by_flag.values() for value in knob.values]
+    alone = min(verdict.memory_gb for verdict in verdicts if verdict.plan is not None)
+    assert pair < alone
+    asked = question((pair + alone) / 2 / 0.9)
+    changes = smallest_changes(asked)
+    singles = [change for change in changes if len(change.settings) == 1]
+    pairs = [change for change in changes if len(change.settings) == 2]
+    assert singles and not any(change.fits for change in singles)
+    assert pairs and all(change.fits for change in pairs)
+    assert "--group-size 2 --prompts 1" in [change.flags() for change in pairs]
+    lines = describe_changes(changes, asked.cluster.device.memory_gb * 0.9)
+    assert any(line.startswith("    together: --group-size 2 --prompts 1 (algo.group_size=2 "
+                               "algo.prompts_per_step=1): ") for line in lines), lines
+    assert not any(line.startswith("    no change") for line in lines)
+
+
+def test_a_feasible_question_prints_no_changes(capsys):
+    assert main(FLAGS) == 0
+    assert "what would fit" not in capsys.readouterr().out

@@ -22,6 +22,7 @@ from ddrl_scale.telemetry.plan import (
     parameter_counts,
     rank_plans,
 )
+from ddrl_scale.telemetry.plan_changes import Question, describe_changes, smallest_changes
 
 
 def latent_size(pixels: int, factor: int, flag: str, causal: bool = False) -> int:
@@ -166,7 +167,8 @@ def cluster_from_args(args: argparse.Namespace, config: RunConfig, dtype: str) -
 
 def report(workload: Workload, cluster: Cluster, assumptions: Assumptions,
            feasible: list[PlanResult], rejected: list[PlanResult], top: int,
-           show_rejected: bool) -> str:
+           show_rejected: bool, changes: list[str] | None = None) -> str:
+    """changes: the lines of `plan_changes.describe_changes`, printed when no plan is feasible."""
     dit = workload.dit
     params = parameter_counts(dit)[0]
     lines = [
@@ -192,6 +194,7 @@ def report(workload: Workload, cluster: Cluster, assumptions: Assumptions,
         too_big = sorted((r for r in rejected if r.memory), key=lambda r: r.memory["total"])
         for result in too_big[:3]:
             lines.append(f"     closest: {result.plan.describe()}: {'; '.join(result.reasons)}")
+        lines.extend(changes or [])
     else:
         if len(feasible) > top:
             lines.append(f"     ... {len(feasible) - top} more feasible plans (--top)")
@@ -245,6 +248,8 @@ def cmd_plan(args: argparse.Namespace) -> None:
     assumptions = Assumptions(args.efficiency, args.comm_efficiency, policy_lag=lag)
     feasible, rejected = rank_plans(workload, cluster, assumptions, tuple(rollout_ranks),
                                     tuple(dict.fromkeys(rollout_tp)))
+    changes = [] if feasible else smallest_changes(Question(
+        config, pixels, cluster, assumptions, tuple(rollout_ranks), tuple(dict.fromkeys(rollout_tp))))
     if args.json:
         print(json.dumps({
             "workload": {"dit": workload.dit.to_dict(), "parameters": parameter_counts(workload.dit)[0],
@@ -257,9 +262,12 @@ def cmd_plan(args: argparse.Namespace) -> None:
             "assumptions": assumptions.describe(workload, cluster),
             "plans": [result.to_dict() for result in feasible],
             "rejected": [result.to_dict() for result in rejected],
+            "changes": [change.to_dict() for change in changes],
         }, indent=1))
     else:
-        print(report(workload, cluster, assumptions, feasible, rejected, args.top, args.show_rejected))
+        usable = cluster.device.memory_gb * assumptions.usable_memory_fraction
+        print(report(workload, cluster, assumptions, feasible, rejected, args.top, args.show_rejected,
+                     describe_changes(changes, usable)))
 
 
 def main(argv: list[str] | None = None) -> int:
