@@ -4,7 +4,7 @@ On a CPU machine a tensor made without `device=world.device` lands where gloo wa
 run cannot show the bug that NCCL would (a CPU tensor under nccl). What CI can check is that every
 tensor collective goes through `parallel.distributed.collective(...)` with its tensors (which
 `check_devices` verifies against the process group's backend device, tested in
-test_gpu_readiness.py with a stand-in device), and every object collective is preceded by
+test_zz_gpu_readiness.py with a stand-in device), and every object collective is preceded by
 `check_object_device`. This test reads the source, so a new call site that skips them fails here.
 """
 

@@ -9,7 +9,7 @@ default device (the CPU) meets "no backend for device cpu" under nccl at the fir
 run. So `collective(..., tensors=...)` checks the tensors it is given against the device the
 group's backend serves (`backend_device`) and names the operation, and every tensor that ddrl_scale
 hands to a collective is made on `World.device`. On a CPU test machine the two devices are one;
-tests/test_gpu_readiness.py runs the call sites with the default device set to "meta" so that a
+tests/test_zz_gpu_readiness.py runs the call sites with the default device set to "meta" so that a
 tensor made without `device=world.device` is caught there too.
 """
 
