@@ -181,7 +181,8 @@ def sample_edm_ab2(
         if stds[index] > 0:
             noise_i = step_noise(index) if step_noise is not None else torch.randn_like(x_t)
         x = flow_to_edm(x_t, sigma)
-        x_next, _, mean, _ = edm_ab2_step(x0, x, sigma, targets[index], stds[index], previous, noise_i)
+        mean = ab2_mean(x, x0, sigma, targets[index], previous)  # scored below, once, as trained
+        x_next = mean if noise_i is None else mean + stds[index] * upcast(noise_i).to(mean.dtype)
         if index == num_steps - 1:  # sample_clean: the x0 prediction at sigma_min is the sample
             x_t_last = edm_to_flow(x_next, targets[index])
             t_last = flow_time(targets[index])

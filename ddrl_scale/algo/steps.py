@@ -38,7 +38,7 @@ def step_plan(algo, num_steps: int, seed: int = 0, iteration: int = 0) -> StepPl
     as the release computes it.
     """
     steps = tuple(range(algo.train_timestep_offset, num_steps, algo.train_timestep_stride))
-    extra = getattr(algo, "train_random_steps", 0)
+    extra = algo.train_random_steps
     if extra:
         rest = [index for index in range(num_steps) if index not in steps]
         if extra > len(rest):
