@@ -203,6 +203,9 @@ def test_the_stop_vote_runs_on_the_worlds_device(tmp_path, monkeypatch):
         raise Seen
 
     monkeypatch.setattr(preemption.dist, "all_reduce", all_reduce)
+    # no process group here: a backend collective() knows no device for, so its device check
+    # (tested in test_zz_gpu_readiness.py) lets the vote through to the stand-in all_reduce
+    monkeypatch.setattr(preemption.dist, "get_backend", lambda group=None: "fake")
     world = World(rank=0, world_size=2, local_rank=0, device=torch.device("meta"))
     with pytest.raises(Seen):
         preemption.StopRequest(tmp_path, world).requested()
